@@ -1,0 +1,1 @@
+from training.cli import main; raise SystemExit(main())

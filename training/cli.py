@@ -1,0 +1,99 @@
+"""`genrec`: the offline pipeline's commands (torch is imported only by the commands that train)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = REPO_ROOT / "models"
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from training.configs import get_config
+    from training.pipeline import run_pipeline
+
+    summary = run_pipeline(get_config(args.config, args.dataset), seed=args.seed, models_dir=Path(args.models_dir))
+    print(json.dumps(summary))
+    return 0
+
+
+def _demo_bundle(args: argparse.Namespace) -> int:
+    """Builds the `make run` bundle unless one is there already."""
+    existing = sorted(Path(args.models_dir).glob("*/*/manifest.json"))
+    if existing and not args.force:
+        print(f"[genrec] bundle present: {existing[-1].parent}")
+        return 0
+    args.config, args.dataset, args.seed = "beauty-demo", None, 0
+    return _pipeline(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    """Scores an exported bundle through the serving engine (onnxruntime) on valid and test."""
+    import numpy as np
+
+    from service.bundle import load_bundle
+    from service.engine import OnnxBeamEngine
+    from training.data import leave_one_out, load_dataset
+    from training.metrics import topk_metrics
+    from training.pipeline import format_table
+
+    bundle = load_bundle(args.bundle)
+    dataset = load_dataset(args.dataset or bundle.dataset)
+    splits = leave_one_out(dataset, max_history=bundle.max_history)
+    index = np.array([bundle.index_of[i] for i in dataset.item_ids])  # dataset index -> bundle index
+    engine = OnnxBeamEngine(bundle, providers=args.providers)
+    rows = {}
+    for split, histories, targets in (
+        ("valid", splits.valid_histories, splits.valid_targets),
+        ("test", splits.test_histories, splits.test_targets),
+    ):
+        topk = np.concatenate([
+            engine.search([index[h] for h in histories[s : s + args.batch_size]])[0]
+            for s in range(0, len(histories), args.batch_size)
+        ])
+        rows[split] = topk_metrics(topk, index[np.asarray(targets)])
+    print(format_table(rows))
+    print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows}))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from service.__main__ import main as serve_main
+
+    return serve_main() or 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pipeline", help="embeddings -> tokenizer -> recommender -> evaluation -> bundle")
+    p.add_argument("--config", default="beauty-tiger", help="named configuration (training/configs.py)")
+    p.add_argument("--dataset", default=None, help="override the config's dataset: beauty, scientific or a folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("demo-bundle", help="build the small Beauty bundle `make run` serves, if models/ has none")
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_demo_bundle)
+
+    p = sub.add_parser("eval", help="print Recall/NDCG@5,10 of a bundle, served through onnxruntime")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--dataset", default=None, help="defaults to the bundle's dataset")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--providers", default="auto")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("serve", help="run the service (same as python -m service)")
+    p.set_defaults(func=_serve)
+
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

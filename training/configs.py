@@ -1,0 +1,48 @@
+"""Named pipeline configurations: one per row of the results table, plus the small ones."""
+from __future__ import annotations
+
+from training.model import Seq2SeqConfig
+from training.pipeline import PipelineConfig
+from training.train import TrainConfig
+
+
+def _tiny(dataset: str) -> PipelineConfig:
+    """Seconds on 2 cores: tests and the synthetic demo."""
+    return PipelineConfig(
+        name="tiny",
+        dataset=dataset,
+        text_encoder="hashing-64",
+        tokenizer="rqkmeans",
+        tokenizer_params={"levels": 2, "codebook_size": 8, "iters": 10},
+        model=Seq2SeqConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0),
+        train=TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_steps=5, eval_users=200, patience=3),
+        check_users=16,
+    )
+
+
+CONFIGS: dict[str, PipelineConfig] = {
+    # What `make run` builds when models/ is empty: real Beauty items, a few minutes of training.
+    "beauty-demo": PipelineConfig(
+        name="beauty-demo",
+        dataset="beauty",
+        tokenizer="rqkmeans",
+        tokenizer_params={"levels": 3, "codebook_size": 256, "iters": 15},
+        model=Seq2SeqConfig(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2),
+        train=TrainConfig(epochs=3, eval_users=1000, patience=3),
+        check_users=32,
+    ),
+    # TIGER's recipe: RQ-VAE 3 x 256 (+ collision level) and a 4 + 4 layer encoder-decoder.
+    "beauty-tiger": PipelineConfig(name="beauty-tiger", dataset="beauty", tokenizer="rqvae"),
+    "scientific-tiger": PipelineConfig(name="scientific-tiger", dataset="scientific", tokenizer="rqvae"),
+}
+
+
+def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
+    if name == "tiny":
+        if dataset is None:
+            raise ValueError("config 'tiny' needs a dataset path")
+        return _tiny(dataset)
+    if name not in CONFIGS:
+        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS) + ['tiny']}")
+    cfg = CONFIGS[name]
+    return cfg if dataset is None else PipelineConfig(**{**cfg.__dict__, "dataset": dataset})

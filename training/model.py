@@ -1,0 +1,249 @@
+"""T5-style encoder-decoder that generates the next item's semantic ID.
+
+The encoder reads the history one token per item (the sum of the item's code embeddings), with
+causal attention limited to the last `max_history` items and a learned relative-position bias, as
+T5 does. Causal attention makes the state at position t depend on items <= t only, so one pass
+over a user's sequence gives the encoder output of every training prefix; the decoder then
+generates the L codes of every next item of the sequence at once (teacher forcing). At serving
+time the same encoder reads the history and the decoder generates L codes under beam search.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NEG = -1e9  # finite "minus infinity": keeps softmax and score sums free of NaN
+
+
+@dataclass
+class Seq2SeqConfig:
+    codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256, 8])
+    d_model: int = 128
+    n_heads: int = 4
+    d_ff: int = 512
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    dropout: float = 0.1
+    max_history: int = 20
+
+    @property
+    def levels(self) -> int:
+        return len(self.codebook_sizes)
+
+    @property
+    def max_codebook(self) -> int:
+        return max(self.codebook_sizes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.head_dim = cfg.d_model // cfg.n_heads
+        self.q = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.kv = nn.Linear(cfg.d_model, 2 * cfg.d_model, bias=False)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
+
+    def keys_values(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(source).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """x (B, Tq, D); k, v (B, h, Tk, hd); bias broadcastable to (B, h, Tq, Tk), NEG where masked."""
+        q = self.split_heads(self.q(x))
+        # T5 leaves out the 1/sqrt(d) scaling and relies on init; we keep it for stability at small sizes.
+        scores = q @ k.transpose(-1, -2) * (self.head_dim**-0.5) + bias
+        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        out = (weights @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+        return self.out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.dropout(F.gelu(self.up(x))))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.norm1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        k, v = self.attn.keys_values(h)
+        x = x + self.dropout(self.attn.attend(h, k, v, bias))
+        return x + self.dropout(self.ff(self.norm2(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.norm1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
+        self.norm3, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (S, P, D): S decoder sequences of P code positions
+        self_bias: torch.Tensor,  # (1, 1, P, P) causal
+        cross_q_groups: int,  # decoder sequences that share one memory row (beams of a request)
+        cross_kv: tuple[torch.Tensor, torch.Tensor],  # (S / groups, h, H, hd) each
+        cross_bias: torch.Tensor,  # broadcastable to (S / groups, h, groups * P, H)
+    ) -> torch.Tensor:
+        h = self.norm1(x)
+        k, v = self.self_attn.keys_values(h)
+        x = x + self.dropout(self.self_attn.attend(h, k, v, self_bias))
+        s, p, d = x.shape
+        # Beams of one request attend to the same memory: fold them into the query axis so the
+        # memory keys and values are computed once per request and never copied per beam.
+        h = self.norm2(x).reshape(s // cross_q_groups, cross_q_groups * p, d)
+        attended = self.cross_attn.attend(h, cross_kv[0], cross_kv[1], cross_bias)
+        x = x + self.dropout(attended.reshape(s, p, d))
+        return x + self.dropout(self.ff(self.norm3(x)))
+
+
+class GenerativeRecommender(nn.Module):
+    def __init__(self, cfg: Seq2SeqConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.code_embeddings = nn.ModuleList(nn.Embedding(v, d) for v in cfg.codebook_sizes)
+        self.relative_bias = nn.Embedding(cfg.max_history, cfg.n_heads)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
+        self.encoder_norm = RMSNorm(d)
+        self.bos = nn.Parameter(torch.zeros(d))
+        self.decoder_positions = nn.Embedding(cfg.levels, d)
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
+        self.decoder_norm = RMSNorm(d)
+        self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.codebook_sizes)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    # ---- encoder -------------------------------------------------------------------------
+    def embed_items(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (..., L) -> (..., D): an item token is the sum of its code embeddings."""
+        return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.code_embeddings))
+
+    def encoder_bias(self, mask: torch.Tensor) -> torch.Tensor:
+        """mask (B, T) -> (B, h, T, T): causal, within max_history items, relative bias, no pads."""
+        t = mask.shape[1]
+        pos = torch.arange(t, device=mask.device)
+        distance = pos[:, None] - pos[None, :]  # query - key
+        allowed = (distance >= 0) & (distance < self.cfg.max_history)
+        bias = self.relative_bias(distance.clamp(0, self.cfg.max_history - 1)).permute(2, 0, 1)  # (h, T, T)
+        bias = bias.masked_fill(~allowed, NEG)[None]
+        # A padded query row would be all-masked under left padding; letting every row see itself keeps softmax finite.
+        key_ok = mask[:, None, None, :] | (distance == 0)[None, None]
+        return bias.masked_fill(~key_ok, NEG)
+
+    def encode(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
+        """history_codes (B, T, L), history_mask (B, T) -> memory (B, T, D)."""
+        x = self.dropout(self.embed_items(history_codes))
+        bias = self.encoder_bias(history_mask)
+        for layer in self.encoder_layers:
+            x = layer(x, bias)
+        return self.encoder_norm(x)
+
+    def cross_keys_values(self, memory: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [layer.cross_attn.keys_values(memory) for layer in self.decoder_layers]
+
+    # ---- decoder -------------------------------------------------------------------------
+    def decoder_inputs(self, prefix_codes: torch.Tensor) -> torch.Tensor:
+        """prefix_codes (S, P-1) codes 0..P-2 -> (S, P, D): [BOS, code_0, ...] + position."""
+        s, p_minus_1 = prefix_codes.shape
+        tokens = [self.bos.expand(s, 1, -1)]
+        tokens += [self.code_embeddings[lvl](prefix_codes[:, lvl : lvl + 1]) for lvl in range(p_minus_1)]
+        x = torch.cat(tokens, dim=1)
+        return x + self.decoder_positions.weight[: p_minus_1 + 1]
+
+    def decode(
+        self,
+        prefix_codes: torch.Tensor,  # (S, P-1)
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        cross_bias: torch.Tensor,
+        groups: int,
+    ) -> torch.Tensor:
+        """-> hidden (S, P, D) after the final norm."""
+        x = self.dropout(self.decoder_inputs(prefix_codes))
+        p = x.shape[1]
+        causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
+        self_bias = torch.zeros(p, p, device=x.device).masked_fill(~causal, NEG)[None, None]
+        for layer, kv in zip(self.decoder_layers, cross_kv):
+            x = layer(x, self_bias, groups, kv, cross_bias)
+        return self.decoder_norm(x)
+
+    def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """hidden (..., D) -> (..., V_max) log-probabilities of code `level`, NEG beyond its codebook."""
+        logits = self.heads[level](hidden).float().log_softmax(-1)
+        pad = self.cfg.max_codebook - logits.shape[-1]
+        return F.pad(logits, (0, pad), value=NEG) if pad else logits
+
+    # ---- training: every next item of every sequence in one pass ---------------------------
+    def forward(self, item_codes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.sequence_loss(item_codes, mask)
+
+    def sequence_loss(self, item_codes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """item_codes (B, T, L) of whole training sequences (right-padded), mask (B, T).
+
+        Position t < T-1 is a history end; the target is item t+1, its history the up-to-
+        max_history items ending at t. Returns the mean cross-entropy summed over levels.
+        """
+        inputs, input_mask = item_codes[:, :-1], mask[:, :-1]
+        targets, target_mask = item_codes[:, 1:], mask[:, 1:]
+        memory = self.encode(inputs, input_mask)  # (B, T-1, D)
+        b, t, _ = memory.shape
+        window = min(self.cfg.max_history, t)
+        batch_idx, pos_idx = target_mask.nonzero(as_tuple=True)  # (M,) targets that exist
+        # Each target's memory window: the `window` positions ending at its history end.
+        offsets = torch.arange(window - 1, -1, -1, device=memory.device)  # oldest .. newest
+        key_pos = pos_idx[:, None] - offsets[None, :]  # (M, W)
+        key_ok = key_pos >= 0
+        key_pos = key_pos.clamp(min=0)
+        cross_kv = []
+        for k, v in self.cross_keys_values(memory):  # (B, h, T-1, hd)
+            k = k[batch_idx[:, None], :, key_pos].transpose(1, 2)  # (M, h, W, hd)
+            v = v[batch_idx[:, None], :, key_pos].transpose(1, 2)
+            cross_kv.append((k, v))
+        cross_bias = torch.zeros(key_ok.shape, device=memory.device).masked_fill(~key_ok, NEG)[:, None, None, :]
+        target_codes = targets[batch_idx, pos_idx]  # (M, L)
+        hidden = self.decode(target_codes[:, :-1], cross_kv, cross_bias, groups=1)  # (M, L, D)
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        for lvl in range(self.cfg.levels):
+            logits = self.heads[lvl](hidden[:, lvl]).float()
+            loss = loss + F.cross_entropy(logits, target_codes[:, lvl])
+        return loss, int(batch_idx.numel())

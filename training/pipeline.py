@@ -1,0 +1,175 @@
+"""dataset -> text embeddings -> tokenizer -> semantic IDs -> recommender -> evaluation -> export.
+
+Each stage is its own module; this file only wires them and caches the tokenizer's codes under a
+key of its inputs (the embeddings cache lives in training/embeddings.py).
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from training.cache import cache_path
+from training.data import item_popularity, leave_one_out, load_dataset
+from training.embeddings import embed_items, get_text_encoder
+from training.export import check_bundle, write_bundle
+from training.model import Seq2SeqConfig
+from training.tokenizers import assign_semantic_ids, get_tokenizer
+from training.train import TrainConfig, evaluate, train_recommender
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class PipelineConfig:
+    name: str  # also the bundle name
+    dataset: str  # "beauty", "scientific" or a folder in the genrec format
+    text_encoder: str = "all-MiniLM-L6-v2"
+    tokenizer: str = "rqvae"
+    tokenizer_params: dict[str, Any] = field(default_factory=dict)
+    model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    beam_size: int = 20
+    check_users: int = 64  # users whose served top-10 is compared with torch at export
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fit_semantic_ids(embeddings: np.ndarray, kind: str, params: dict[str, Any], seed: int):
+    """Tokenizer fit, cached under (embeddings, kind, params, seed) -> (raw codes, tokenizer)."""
+    tokenizer = get_tokenizer(kind, **params)
+    key = [embeddings.tobytes(), kind, json.dumps(tokenizer.params, sort_keys=True, default=str), str(seed)]
+    path = cache_path("tokenizer", key, suffix=".safetensors")
+    if path.exists():
+        state = load_file(str(path))
+        raw_codes = state.pop("__raw_codes__")
+        tokenizer.load_state_dict(state)
+        return raw_codes, tokenizer, None
+    report = tokenizer.fit(embeddings, seed=seed)
+    raw_codes = tokenizer.encode(embeddings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({**{k: np.ascontiguousarray(v) for k, v in tokenizer.state_dict().items()}, "__raw_codes__": raw_codes}, str(path))
+    return raw_codes, tokenizer, report
+
+
+def format_table(rows: dict[str, dict[str, float]]) -> str:
+    keys = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
+    lines = ["| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for split, metrics in rows.items():
+        lines.append(f"| {split} | " + " | ".join(f"{metrics[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
+def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROOT / "models", progress: bool = True) -> dict[str, Any]:
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(stage: str, t0: float) -> None:
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        if progress:
+            print(f"[genrec] {stage}: {timings[stage]} s", flush=True)
+
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg.dataset)
+    splits = leave_one_out(dataset, max_history=cfg.model.max_history)
+    lap("data", t0)
+
+    t0 = time.perf_counter()
+    embeddings = embed_items(dataset.texts, get_text_encoder(cfg.text_encoder))
+    lap("embeddings", t0)
+
+    t0 = time.perf_counter()
+    raw_codes, tokenizer, _ = fit_semantic_ids(embeddings, cfg.tokenizer, cfg.tokenizer_params, seed)
+    semantic_ids, sid_report = assign_semantic_ids(raw_codes, tokenizer.codebook_sizes)
+    lap("tokenizer", t0)
+    if progress:
+        print(f"[genrec] code usage per level {[round(u, 3) for u in sid_report.code_usage]}, "
+              f"{sid_report.collisions_before_separation} items collided before separation", flush=True)
+
+    model_cfg = replace(cfg.model, codebook_sizes=list(sid_report.codebook_sizes))
+    train_cfg = replace(cfg.train, seed=seed, beam_size=cfg.beam_size)
+    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
+    run_dir = models_dir.parent / "runs" / cfg.name / version
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    result = train_recommender(
+        model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
+        semantic_ids, curve_path=run_dir / "training_curve.jsonl", progress=progress,
+    )
+    lap("train", t0)
+
+    t0 = time.perf_counter()
+    device = train_cfg.device
+    valid = evaluate(result.model, splits.valid_histories, splits.valid_targets, semantic_ids, cfg.beam_size, device)
+    test = evaluate(result.model, splits.test_histories, splits.test_targets, semantic_ids, cfg.beam_size, device)
+    lap("evaluate", t0)
+
+    tokenizer_info = {
+        "kind": cfg.tokenizer,
+        "params": tokenizer.params,
+        "levels": int(semantic_ids.shape[1]),
+        "codebook_sizes": sid_report.codebook_sizes,
+        "collisions_before_separation": sid_report.collisions_before_separation,
+        "code_usage": sid_report.code_usage,
+    }
+    t0 = time.perf_counter()
+    bundle_dir = write_bundle(
+        models_dir,
+        name=cfg.name,
+        version=version,
+        dataset=dataset.name,
+        model=result.model,
+        semantic_ids=semantic_ids,
+        item_ids=dataset.item_ids,
+        titles=dataset.titles,
+        popularity_counts=item_popularity(splits.train_sequences, dataset.n_items),
+        tokenizer=tokenizer_info,
+        tokenizer_state=tokenizer.state_dict(),
+        text_encoder=cfg.text_encoder,
+        beam_size=cfg.beam_size,
+        metrics={"valid": valid, "test": test, "best_epoch": result.best_epoch},
+        training={
+            "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
+            "seed": seed,
+            "epochs_run": result.epochs_run,
+            "train_seconds": round(result.train_seconds, 1),
+            "samples_per_second": round(result.samples_per_second, 1),
+        },
+        extra_files=[run_dir / "training_curve.jsonl"],
+    )
+    rng = np.random.default_rng(seed)
+    sample = rng.choice(len(splits.test_histories), min(cfg.check_users, len(splits.test_histories)), replace=False)
+    check = check_bundle(bundle_dir, result.model, [splits.test_histories[i] for i in sample])
+    lap("export", t0)
+    if progress:
+        print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
+        print(format_table({"valid": valid, "test": test}), flush=True)
+    summary = {
+        "dataset": dataset.name,
+        "config": cfg.name,
+        "seed": seed,
+        "beam": cfg.beam_size,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "tokenizer": {
+            "kind": cfg.tokenizer,
+            "code_usage": sid_report.code_usage,
+            "collisions_before_separation": sid_report.collisions_before_separation,
+        },
+        "valid": valid,
+        "test": test,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "train_samples_per_s": round(result.samples_per_second, 1),
+        "timings_s": timings,
+        "export_check": check.to_dict(),
+        "bundle": str(bundle_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

@@ -1,0 +1,243 @@
+"""Training loop: whole user sequences per step, checkpoint chosen on validation NDCG@10.
+
+Runs unchanged under `torchrun` (DistributedDataParallel, gloo on CPU, nccl on CUDA): each rank
+takes its share of every batch list, and only rank 0 evaluates and keeps the best weights.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from service.trie import build_trie
+from training.beam import ConstrainedBeamSearch, trie_tensors
+from training.metrics import topk_metrics
+from training.model import GenerativeRecommender, Seq2SeqConfig
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40
+    batch_size: int = 256  # user sequences per step
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    patience: int = 4  # evaluations without a better validation NDCG@10 before stopping
+    eval_every: int = 1  # epochs
+    eval_users: int | None = 4000  # validation users scored during training (None: all); final numbers use all
+    beam_size: int = 20
+    bf16: bool = True  # autocast on CPUs with AVX-512 bf16 and on GPUs
+    max_train_seconds: float | None = None
+    max_sequence_items: int = 64  # longer training sequences keep their most recent items
+    seed: int = 0
+    device: str = "cpu"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---- batching --------------------------------------------------------------------------------
+
+def pad_histories(histories: list[np.ndarray], semantic_ids: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad the most recent `max_history` items -> codes (B, H, L) int64, mask (B, H) bool."""
+    width = max(1, min(max_history, max((len(h) for h in histories), default=1)))
+    codes = np.zeros((len(histories), width, semantic_ids.shape[1]), dtype=np.int64)
+    mask = np.zeros((len(histories), width), dtype=bool)
+    for row, history in enumerate(histories):
+        recent = np.asarray(history[-width:], dtype=np.int64)
+        if len(recent):
+            codes[row, width - len(recent) :] = semantic_ids[recent]
+            mask[row, width - len(recent) :] = True
+    return codes, mask
+
+
+def sequence_batches(sequences: list[np.ndarray], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
+    """Shuffled batches of similar length, so padding stays small."""
+    order = rng.permutation(len(sequences))
+    chunk = batch_size * 32
+    batches: list[list[int]] = []
+    for start in range(0, len(order), chunk):
+        block = sorted(order[start : start + chunk], key=lambda i: len(sequences[i]))
+        batches += [block[i : i + batch_size] for i in range(0, len(block), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def collate_sequences(sequences: list[np.ndarray], semantic_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded item codes (B, T, L) and mask (B, T)."""
+    t = max(len(s) for s in sequences)
+    items = torch.zeros(len(sequences), t, dtype=torch.long)
+    mask = torch.zeros(len(sequences), t, dtype=torch.bool)
+    for row, seq in enumerate(sequences):
+        items[row, : len(seq)] = torch.as_tensor(seq)
+        mask[row, : len(seq)] = True
+    return semantic_ids[items], mask
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def recommend_topk(
+    model: GenerativeRecommender,
+    histories: list[np.ndarray],
+    semantic_ids: np.ndarray,
+    beam_size: int,
+    batch_size: int = 512,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Constrained beam search over the whole catalog -> item indices and scores (U, beam)."""
+    was_training = model.training
+    model.eval()
+    search = ConstrainedBeamSearch(model, beam_size)
+    trie = trie_tensors(build_trie(semantic_ids).as_feeds(), model.cfg.levels, device)
+    # Similar lengths together: less padding, same results.
+    order = np.argsort([len(h) for h in histories], kind="stable")
+    items = np.full((len(histories), beam_size), -1, dtype=np.int64)
+    scores = np.zeros((len(histories), beam_size), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        codes, mask = pad_histories([histories[i] for i in rows], semantic_ids, model.cfg.max_history)
+        out_items, out_scores = search(torch.as_tensor(codes, device=device), torch.as_tensor(mask, device=device), *trie)
+        items[rows], scores[rows] = out_items.cpu().numpy(), out_scores.float().cpu().numpy()
+    model.train(was_training)
+    return items, scores
+
+
+def evaluate(model, histories, targets, semantic_ids, beam_size: int, device: str = "cpu") -> dict[str, float]:
+    topk, _ = recommend_topk(model, histories, semantic_ids, beam_size, device=device)
+    return topk_metrics(topk, np.asarray(targets))
+
+
+# ---- distributed -----------------------------------------------------------------------------
+
+def distributed_context() -> tuple[int, int]:
+    """(rank, world size); joins the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    model: GenerativeRecommender
+    best_valid: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    train_seconds: float
+    samples_per_second: float
+    curve: list[dict]
+
+
+def train_recommender(
+    model_cfg: Seq2SeqConfig,
+    train_cfg: TrainConfig,
+    train_sequences: list[np.ndarray],
+    valid_histories: list[np.ndarray],
+    valid_targets: np.ndarray,
+    semantic_ids: np.ndarray,
+    curve_path: Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    rank, world = distributed_context()
+    torch.manual_seed(train_cfg.seed)
+    rng = np.random.default_rng(train_cfg.seed)  # same on every rank: same batch list, split by rank
+    device = torch.device(train_cfg.device)
+    model = GenerativeRecommender(model_cfg).to(device)
+    trained = model
+    if world > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(model)
+    codes = torch.as_tensor(semantic_ids, dtype=torch.long)
+    sequences = [s[-train_cfg.max_sequence_items :] for s in train_sequences if len(s) >= 2]
+
+    eval_rows = np.arange(len(valid_histories))
+    if train_cfg.eval_users and train_cfg.eval_users < len(eval_rows):
+        eval_rows = np.sort(np.random.default_rng(train_cfg.seed + 1).choice(eval_rows, train_cfg.eval_users, replace=False))
+    eval_histories = [valid_histories[i] for i in eval_rows]
+    eval_targets = np.asarray(valid_targets)[eval_rows]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(sequences) / train_cfg.batch_size)
+    total_steps = steps_per_epoch * train_cfg.epochs
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
+        if step < train_cfg.warmup_steps:
+            return (step + 1) / train_cfg.warmup_steps
+        progress_ = (step - train_cfg.warmup_steps) / max(1, total_steps - train_cfg.warmup_steps)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    use_bf16 = train_cfg.bf16 and (device.type == "cuda" or torch.backends.mkldnn.is_available())
+    best = {"ndcg@10": -1.0}
+    best_state, best_epoch, bad_evals, curve = None, -1, 0, []
+    samples, started = 0, time.perf_counter()
+    step = 0
+    epoch = 0
+    for epoch in range(1, train_cfg.epochs + 1):
+        model.train()
+        batches = sequence_batches(sequences, train_cfg.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
+        epoch_loss, epoch_targets = 0.0, 0
+        for batch in bar:
+            shard = batch[rank::world]
+            item_codes, mask = collate_sequences([sequences[i] for i in shard], codes)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, n_targets = trained(item_codes.to(device), mask.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            samples += n_targets * world
+            epoch_loss += loss.item() * n_targets
+            epoch_targets += n_targets
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        elapsed = time.perf_counter() - started
+        point = {"epoch": epoch, "step": step, "train_loss": epoch_loss / max(1, epoch_targets), "elapsed_s": round(elapsed, 1)}
+        out_of_time = train_cfg.max_train_seconds is not None and elapsed > train_cfg.max_train_seconds
+        if rank == 0 and (epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs or out_of_time):
+            valid = evaluate(model, eval_histories, eval_targets, semantic_ids, train_cfg.beam_size, device=str(device))
+            point.update({f"valid_{k}": v for k, v in valid.items()})
+            if valid["ndcg@10"] > best["ndcg@10"]:
+                best, best_epoch, bad_evals = valid, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_evals += 1
+            if progress:
+                print(json.dumps(point), flush=True)
+        curve.append(point)
+        if curve_path is not None and rank == 0:
+            with curve_path.open("a") as f:
+                f.write(json.dumps(point) + "\n")
+        stop = out_of_time or bad_evals >= train_cfg.patience
+        if world > 1:  # every rank stops at the same epoch
+            flag = torch.tensor([int(stop)], device=device)
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            break
+    train_seconds = time.perf_counter() - started
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    return TrainResult(
+        model=model,
+        best_valid=best,
+        best_epoch=best_epoch,
+        epochs_run=epoch,
+        train_seconds=train_seconds,
+        samples_per_second=samples / max(train_seconds, 1e-9),
+        curve=curve,
+    )
