@@ -32,8 +32,13 @@ CONFIGS: dict[str, PipelineConfig] = {
         check_users=32,
     ),
     # TIGER's recipe: RQ-VAE 3 x 256 (+ collision level) and a 4 + 4 layer encoder-decoder.
-    "beauty-tiger": PipelineConfig(name="beauty-tiger", dataset="beauty", tokenizer="rqvae"),
-    "scientific-tiger": PipelineConfig(name="scientific-tiger", dataset="scientific", tokenizer="rqvae"),
+    # Training stops at 90 minutes so the whole run stays within 2 hours on 2 cores.
+    "beauty-tiger": PipelineConfig(
+        name="beauty-tiger", dataset="beauty", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)
+    ),
+    "scientific-tiger": PipelineConfig(
+        name="scientific-tiger", dataset="scientific", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)
+    ),
 }
 
 

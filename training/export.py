@@ -19,6 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from safetensors.numpy import save_file
+from safetensors.torch import load_file as load_torch_file
+from safetensors.torch import save_file as save_torch_file
 
 from service.bundle import file_digests, load_bundle
 from service.engine import OnnxBeamEngine
@@ -151,6 +153,8 @@ def write_bundle(
     for extra in extra_files:  # e.g. the training curve, next to the model it produced
         shutil.copy2(extra, bundle_dir / extra.name)
     export_graphs(model, semantic_ids.astype(np.int64), beam_size, bundle_dir)
+    # torch weights too (safetensors, not a pickle): to fine-tune or re-export without retraining.
+    save_torch_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(bundle_dir / "recommender.safetensors"))
 
     files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != "manifest.json")
     manifest = {
@@ -170,6 +174,16 @@ def write_bundle(
     }
     (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return bundle_dir
+
+
+def load_recommender(bundle_dir: Path) -> GenerativeRecommender:
+    """The torch model a bundle was exported from."""
+    from training.model import Seq2SeqConfig
+
+    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
+    model = GenerativeRecommender(Seq2SeqConfig(**manifest["model"]["config"]))
+    model.load_state_dict(load_torch_file(str(Path(bundle_dir) / "recommender.safetensors")))
+    return model.eval()
 
 
 def build_demo_bundle(out_dir: Path, seed: int = 0, n_users: int = 300, n_items: int = 60) -> Path:

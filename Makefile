@@ -1,0 +1,45 @@
+# The two front-door commands: `make run` and `make test`. Both install what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+DATASET ?= beauty
+SEED ?= 0
+
+.PHONY: install system-deps run test train-beauty train-scientific eval clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned to the CPU build: otherwise a dependency pulls the multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[train,serve,cpu,dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+# redis-server backs the history-store tests; promtool checks the Prometheus config.
+system-deps:
+	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
+	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+
+# Serves on 127.0.0.1:8000 with the in-process history store; builds the Beauty demo bundle first if models/ has none.
+run: $(STAMP)
+	$(BIN)/genrec demo-bundle
+	GENREC_HOST=$${GENREC_HOST:-127.0.0.1} $(BIN)/python -m service
+
+test: $(STAMP) system-deps
+	$(BIN)/python -m pytest -q
+
+# The full TIGER-style model on Beauty / Scientific; prints the validation and test table.
+train-beauty: $(STAMP)
+	$(BIN)/genrec pipeline --config beauty-tiger --seed $(SEED)
+
+train-scientific: $(STAMP)
+	$(BIN)/genrec pipeline --config scientific-tiger --seed $(SEED)
+
+eval: $(STAMP)
+	$(BIN)/genrec eval --bundle $(BUNDLE)
+
+clean:
+	rm -rf $(VENV) .cache runs
