@@ -1,0 +1,283 @@
+"""The FastAPI app: wiring, lifespan (load -> trie -> warm-up -> ready; drain on shutdown), errors."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
+from service.bundle import Bundle, load_bundle
+from service.config import Settings
+from service.deps import ApiError, AppState, Serving
+from service.engine import BeamEngine, OnnxBeamEngine
+from service.history import CoalescingHistoryReader, HistoryStore, InMemoryHistoryStore, RedisHistoryStore
+from service.metrics import ServiceMetrics
+from service.reference import ReferenceBeamEngine
+from service.routes import ROUTERS
+
+log = logging.getLogger("service")
+
+
+def create_app(settings: Settings | None = None, *, history_store: HistoryStore | None = None) -> FastAPI:
+    """history_store: inject a store (tests); by default Redis when redis_url is set, else in-process."""
+    settings = settings if settings is not None else Settings()
+    metrics = ServiceMetrics()
+    state = AppState(settings=settings, metrics=metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        serving = await start_serving(settings, metrics, history_store, state)
+        state.serving = serving
+        state.ready = True
+        log.info("serving %s/%s with %s engine on %s", serving.bundle.name, serving.bundle.version,
+                 serving.engine_kind, serving.engine.provider)
+        try:
+            yield
+        finally:
+            state.ready = False
+            state.not_ready_reason = "draining: shutting down"
+            await serving.batcher.close(settings.drain_timeout_s)
+            await serving.store.close()
+
+    app = FastAPI(
+        title="genrec",
+        summary="Generative-retrieval recommendations: constrained beam search over semantic IDs.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.genrec = state
+    for router in ROUTERS:
+        app.include_router(router)
+    _add_error_handlers(app)
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last = outermost
+    return app
+
+
+async def start_serving(
+    settings: Settings, metrics: ServiceMetrics, history_store: HistoryStore | None, state: AppState
+) -> Serving:
+    # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
+    bundle = await asyncio.to_thread(load_bundle, settings.resolved_bundle_dir())
+    max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
+    state.not_ready_reason = "starting: building the engine and the trie"
+    engine = await asyncio.to_thread(build_engine, settings, bundle, max_history)
+    state.not_ready_reason = "starting: warm-up batch"
+    await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
+
+    batcher = MicroBatcher(
+        engine,
+        max_batch_size=settings.max_batch_size,
+        max_wait_ms=settings.max_wait_ms,
+        max_queue_size=settings.max_queue_size,
+        metrics=metrics,
+    )
+    await batcher.start()
+    store = history_store if history_store is not None else build_store(settings, max_history)
+    if not await store.ping():  # a store outage degrades answers, it does not block readiness
+        log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
+    metrics.set_model(bundle.name, bundle.version)
+    return Serving(
+        settings=settings,
+        bundle=bundle,
+        engine=engine,
+        engine_kind=settings.engine,
+        batcher=batcher,
+        store=store,
+        history_reader=CoalescingHistoryReader(store),
+        metrics=metrics,
+        max_history=max_history,
+    )
+
+
+def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:
+    if settings.engine == "reference":
+        return ReferenceBeamEngine(
+            bundle, providers=settings.onnx_providers, intra_op_threads=settings.intra_op_threads, max_history=max_history
+        )
+    return OnnxBeamEngine(
+        bundle, providers=settings.onnx_providers, intra_op_threads=settings.intra_op_threads, max_history=max_history
+    )
+
+
+def build_store(settings: Settings, max_history: int) -> HistoryStore:
+    if settings.redis_url:
+        return RedisHistoryStore.from_url(
+            settings.redis_url, max_items=max_history, ttl_s=settings.history_ttl_s, timeout_ms=settings.redis_timeout_ms
+        )
+    return InMemoryHistoryStore(max_items=max_history, ttl_s=settings.history_ttl_s)
+
+
+def warm_up(engine: BeamEngine, bundle: Bundle, max_history: int, max_batch_size: int) -> None:
+    """Run a single-request and a full batch once, so the first real requests do not pay for
+    lazy allocations and kernel selection."""
+    seed = bundle.popularity[:max_history] if len(bundle.popularity) else np.arange(min(max_history, bundle.num_items))
+    history = np.asarray(seed, dtype=np.int64)
+    for batch_size in sorted({1, max_batch_size}):
+        engine.search([history] * batch_size)
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+def _error_body(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"detail": detail, "errors": errors}
+
+
+_JSON_TYPE_NAMES = {"bool": "boolean", "float": "number", "NoneType": "null", "list": "array", "dict": "object",
+                    "str": "string", "int": "integer"}
+_EXAMPLE_BODY = '{"user_id": "u1", "history": ["item-1", "item-2"], "k": 10}'
+
+
+def describe_validation_errors(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    """One readable sentence plus one entry per field, each saying where and what to change."""
+    entries: list[dict[str, Any]] = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        where = ".".join(loc)
+        kind = error.get("type", "")
+        if kind == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            position = loc[1] if len(loc) > 1 else "?"
+            message = f"malformed JSON at character {position}: {reason}; send a JSON object such as {_EXAMPLE_BODY}"
+            where = "body"
+        elif loc == ["body"] and kind in ("model_attributes_type", "dict_type", "missing"):
+            message = f"expected a JSON object with header Content-Type: application/json, such as {_EXAMPLE_BODY}"
+        elif kind == "extra_forbidden":
+            message = f"unknown field {loc[-1]!r}; remove it (see the OpenAPI schema at /docs for the fields)"
+        else:
+            message = str(error.get("msg", "invalid value"))
+            if "input" in error and kind.endswith("_type"):
+                message += f" (got {_JSON_TYPE_NAMES.get(type(error['input']).__name__, type(error['input']).__name__)})"
+        entries.append({"loc": where, "message": message, "type": kind})
+    summary = "; ".join(f"{e['loc']}: {e['message']}" for e in entries[:5])
+    if len(entries) > 5:
+        summary += f"; and {len(entries) - 5} more"
+    return f"Invalid request: {summary}", entries
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail, entries = describe_validation_errors(exc)
+        return JSONResponse(_error_body(detail, entries), status_code=422)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(_error_body(exc.detail, exc.errors), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc)), status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def on_deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        budget = app.state.genrec.settings.request_timeout_ms
+        return JSONResponse(
+            _error_body(f"request deadline of {budget:g} ms passed ({exc}); the service is overloaded, retry later"),
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    @app.exception_handler(BatcherClosed)
+    async def on_closed(request: Request, exc: BatcherClosed) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc)), status_code=503, headers={"Retry-After": "1"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(_error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+# --- middleware ---------------------------------------------------------------------------------
+
+class BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int, size: int | None) -> None:
+        got = f"{size} bytes" if size is not None else "more than that"
+        super().__init__(413, f"request body is {got}; the limit is {limit} bytes (GENREC_MAX_BODY_BYTES). "
+                              "Send fewer history items.")
+
+
+class BodySizeLimitMiddleware:
+    """413 before reading a body whose Content-Length is over the limit; for chunked bodies, as soon
+    as the bytes read pass it (FastAPI re-raises HTTPExceptions raised while it reads the body)."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body_bytes:
+            self.metrics.rejections.labels(reason="body_too_large").inc()
+            error = BodyTooLarge(self.max_body_bytes, declared)
+            response = JSONResponse(_error_body(str(error.detail)), status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    self.metrics.rejections.labels(reason="body_too_large").inc()
+                    raise BodyTooLarge(self.max_body_bytes, None)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class RequestMetricsMiddleware:
+    """Request count by endpoint (route template, never the raw path) and status, duration, in-flight."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            self.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+

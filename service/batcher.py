@@ -1,0 +1,245 @@
+"""Async micro-batcher: requests queue up (bounded), a batch closes at max_batch_size or max_wait_ms,
+and the engine runs it in a worker thread so the event loop stays free.
+
+Every wait is bounded: a full queue is refused at once (QueueFull -> 429), a request past its
+deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.engine import BeamEngine
+from service.metrics import ServiceMetrics
+
+log = logging.getLogger(__name__)
+
+
+class BatcherError(Exception):
+    """A request the batcher could not serve; the route maps each kind to a status."""
+
+
+class QueueFull(BatcherError):
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"server is at capacity ({queue_size} requests queued); retry after {retry_after_s}s")
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(BatcherError):
+    pass
+
+
+class BatcherClosed(BatcherError):
+    def __init__(self) -> None:
+        super().__init__("server is shutting down and accepts no new work")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    item_indices: np.ndarray  # (beam,) int64, -1 where the beam found no item
+    scores: np.ndarray  # (beam,) float32, sum of code log-probabilities
+    queue_wait_s: float
+    engine_s: float
+    batch_size: int
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    history: np.ndarray  # (n,) int64 item indices, oldest first, non-empty
+    deadline: float  # event-loop time
+    enqueued_at: float  # event-loop time
+    future: asyncio.Future[SearchResult] = field(repr=False)
+
+    @property
+    def waiting(self) -> bool:
+        """False once answered, failed, or abandoned by its caller (cancelled on timeout)."""
+        return not self.future.done()
+
+
+@dataclass
+class Batch:
+    """The contract between batcher and engine: the live requests of one engine call, in order."""
+
+    requests: list[PendingRequest]
+
+    @classmethod
+    def from_requests(cls, requests: Sequence[PendingRequest], now: float) -> Batch:
+        """Keeps requests still waiting; fails the ones whose deadline has passed."""
+        live: list[PendingRequest] = []
+        for request in requests:
+            if not request.waiting:
+                continue
+            if request.deadline <= now:
+                request.future.set_exception(DeadlineExceeded("deadline passed while queued"))
+                continue
+            live.append(request)
+        return cls(live)
+
+    def filter(self, keep: Callable[[PendingRequest], bool]) -> Batch:
+        return Batch([r for r in self.requests if keep(r)])
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __iter__(self) -> Iterator[PendingRequest]:
+        return iter(self.requests)
+
+    @property
+    def histories(self) -> list[np.ndarray]:
+        return [r.history for r in self.requests]
+
+    def complete(self, item_indices: np.ndarray, scores: np.ndarray, started_at: float, engine_s: float) -> None:
+        """item_indices, scores: (B, beam), row b answers request b."""
+        for request, items_row, scores_row in zip(self.requests, item_indices, scores):
+            if request.waiting:
+                request.future.set_result(
+                    SearchResult(items_row, scores_row, started_at - request.enqueued_at, engine_s, len(self))
+                )
+
+    def fail(self, error: BaseException) -> None:
+        for request in self.requests:
+            if request.waiting:
+                request.future.set_exception(error)
+
+
+class MicroBatcher:
+    def __init__(
+        self,
+        engine: BeamEngine,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue_size: int,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_size = max_queue_size
+        self._metrics = metrics
+        self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
+        # One engine thread: batches run one after another while the loop gathers the next one.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrec-engine")
+        self._worker: asyncio.Task[None] | None = None
+        self._accepting = False
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    async def start(self) -> None:
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
+        self._accepting = True
+
+    async def submit(self, history: np.ndarray, deadline: float) -> SearchResult:
+        """Queue one history and wait for its result until `deadline` (event-loop time)."""
+        if not self._accepting:
+            self._reject("draining")
+            raise BatcherClosed()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if deadline <= now:
+            self._reject("deadline")
+            raise DeadlineExceeded("deadline passed before the request was queued")
+        request = PendingRequest(history, deadline, now, loop.create_future())
+        try:
+            self._queue.put_nowait(request)
+        except asyncio.QueueFull:
+            self._reject("queue_full")
+            raise QueueFull(self.max_queue_size) from None
+        self._observe_queue_size()
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await request.future  # on timeout the future is cancelled; the worker skips it
+        except TimeoutError:
+            self._reject("deadline")
+            raise DeadlineExceeded("deadline passed waiting for the engine") from None
+
+    async def close(self, timeout_s: float) -> None:
+        """Stop accepting, finish what is queued within timeout_s, fail the rest with BatcherClosed."""
+        self._accepting = False
+        if self._worker is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._queue.join()
+            except TimeoutError:
+                log.warning("batcher drain timed out after %.1fs with %d queued", timeout_s, self.queue_size)
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+            self._worker = None
+        while not self._queue.empty():
+            request = self._queue.get_nowait()
+            self._queue.task_done()
+            if request.waiting:
+                request.future.set_exception(BatcherClosed())
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._observe_queue_size()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            first = await self._queue.get()
+            requests = [first]
+            # The window starts when the first request arrived, not when the worker got free.
+            close_at = first.enqueued_at + self.max_wait_s
+            while len(requests) < self.max_batch_size:
+                try:
+                    requests.append(self._queue.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                remaining = close_at - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    async with asyncio.timeout(remaining):
+                        requests.append(await self._queue.get())
+                except TimeoutError:
+                    break
+            self._observe_queue_size()
+            try:
+                await self._run_batch(Batch.from_requests(requests, loop.time()))
+            except asyncio.CancelledError:  # drain timed out mid-batch: answer its callers now
+                Batch(requests).fail(BatcherClosed())
+                raise
+            except Exception:  # keep serving; the batch's futures were failed in _run_batch
+                log.exception("micro-batch failed")
+            finally:
+                for _ in requests:
+                    self._queue.task_done()
+
+    async def _run_batch(self, batch: Batch) -> None:
+        if not batch:
+            return
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        if self._metrics is not None:
+            self._metrics.batch_size.observe(len(batch))
+            for request in batch:
+                self._metrics.queue_wait.observe(started_at - request.enqueued_at)
+        try:
+            item_indices, scores = await loop.run_in_executor(self._executor, self.engine.search, batch.histories)
+        except Exception as error:
+            batch.fail(error)
+            raise
+        batch.complete(item_indices, scores, started_at, loop.time() - started_at)
+
+    def _reject(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.rejections.labels(reason=reason).inc()
+
+    def _observe_queue_size(self) -> None:
+        if self._metrics is not None:
+            self._metrics.queue_size.set(self._queue.qsize())

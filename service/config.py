@@ -1,0 +1,71 @@
+"""Every knob of the online service, in one typed place (env prefix `GENREC_`)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GENREC_", extra="ignore")
+
+    # Bundle to serve, a `models/<name>/<version>` dir; unset -> newest bundle under models_root.
+    bundle_dir: Path | None = None
+    # Where to look for bundles when bundle_dir is unset (scans <models_root>/*/*/manifest.json).
+    models_root: Path = Path("models")
+    # Interface to bind; all interfaces by default because the service runs in a container.
+    host: str = "0.0.0.0"
+    # TCP port to listen on.
+    port: int = Field(8000, ge=1, le=65535)
+    # Redis URL for user histories (redis://host:6379/0); unset -> in-process store.
+    redis_url: str | None = None
+    # Per-operation Redis timeout; a slow store must not eat the latency budget.
+    redis_timeout_ms: float = Field(50.0, gt=0)
+    # A user's stored history expires this long after their last event.
+    history_ttl_s: int = Field(30 * 24 * 3600, ge=1)
+    # History items fed to the model; unset -> the bundle's max_history (never more than it).
+    max_history: int | None = Field(None, ge=1)
+    # A micro-batch closes when it has this many requests...
+    max_batch_size: int = Field(32, ge=1)
+    # ...or when its first request has waited this long.
+    max_wait_ms: float = Field(2.0, ge=0)
+    # Requests waiting for the engine beyond this many -> 429.
+    max_queue_size: int = Field(256, ge=1)
+    # Deadline per request from arrival; past it -> 503.
+    request_timeout_ms: float = Field(1000.0, gt=0)
+    # Larger request bodies -> 413.
+    max_body_bytes: int = Field(64 * 1024, ge=256)
+    # "auto" (CUDA if onnxruntime has it, else CPU) or a comma list such as "cpu" or "cuda,cpu".
+    onnx_providers: str = "auto"
+    # onnxruntime intra-op threads; 0 -> onnxruntime's default (all cores).
+    intra_op_threads: int = Field(0, ge=0)
+    # "graph": the exported one-call beam search; "reference": the plain numpy twin (slow, for checks).
+    engine: Literal["graph", "reference"] = "graph"
+    # Seconds the batcher may take to finish queued work on shutdown.
+    drain_timeout_s: float = Field(10.0, ge=0)
+
+    def resolved_bundle_dir(self) -> Path:
+        """bundle_dir if set, else the newest bundle under models_root."""
+        if self.bundle_dir is not None:
+            return self.bundle_dir
+        return find_newest_bundle(self.models_root)
+
+
+def find_newest_bundle(models_root: Path) -> Path:
+    """Newest `<name>/<version>` by manifest created_at, then version string (timestamps sort)."""
+    candidates: list[tuple[str, str, Path]] = []
+    for manifest_path in Path(models_root).glob("*/*/manifest.json"):
+        try:
+            created_at = str(json.loads(manifest_path.read_text()).get("created_at", ""))
+        except (OSError, ValueError):
+            created_at = ""  # unreadable manifests still count; load_bundle will say what is wrong
+        candidates.append((created_at, manifest_path.parent.name, manifest_path.parent))
+    if not candidates:
+        raise FileNotFoundError(
+            f"no bundle found under {Path(models_root).resolve()} (expected <name>/<version>/manifest.json); "
+            "set GENREC_BUNDLE_DIR or GENREC_MODELS_ROOT"
+        )
+    return max(candidates)[2]

@@ -1,0 +1,157 @@
+"""Batched constrained beam search: the exported one-call graph (`beam_search.onnx`) on onnxruntime.
+
+One device call per micro-batch: encoder, the L decode steps, trie masking and top-k all run inside
+the graph, with the trie arrays as inputs that stay resident (on the GPU when there is one).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from service.bundle import Bundle, BundleError
+from service.trie import build_trie
+
+log = logging.getLogger(__name__)
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider"}
+_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
+               "tensor(float)": np.float32}
+
+
+class BeamEngine(Protocol):
+    """What the batcher needs from an engine; OnnxBeamEngine and ReferenceBeamEngine both are one."""
+
+    beam_size: int
+    provider: str  # the execution provider actually running the model
+
+    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """histories: per request, int item indices oldest first (non-empty).
+        Returns item_indices int64 (B, beam) with -1 where no item, scores float32 (B, beam)."""
+        ...
+
+
+class HistoryTensorizer:
+    """Item-index histories -> (history_codes (B, H, L) int64, history_mask (B, H) bool).
+
+    H is always max_history, so a request's result does not depend on what else shares its batch.
+    Each request is copied once, into an index matrix; a single gather then yields the codes, with a
+    zero row appended to the code table so that padding gathers zeros.
+    """
+
+    def __init__(self, semantic_ids: np.ndarray, max_history: int) -> None:
+        n_items, levels = semantic_ids.shape
+        self.pad_index = n_items
+        self.max_history = max_history
+        self._codes = np.zeros((n_items + 1, levels), dtype=np.int64)  # (N + 1, L), last row = padding
+        self._codes[:n_items] = semantic_ids
+
+    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        horizon = self.max_history
+        items = np.full((len(histories), horizon), self.pad_index, dtype=np.int64)  # (B, H)
+        for row, history in zip(items, histories):
+            recent = history[-horizon:]
+            if len(recent):
+                if recent.min() < 0 or recent.max() >= self.pad_index:
+                    raise ValueError(f"history item index out of range [0, {self.pad_index})")
+                row[horizon - len(recent):] = recent  # left-pad: most recent last
+        history_mask = items != self.pad_index  # (B, H)
+        history_codes = self._codes[items]  # (B, H, L)
+        return history_codes, history_mask
+
+
+def resolve_providers(setting: str | Sequence[str]) -> list[str]:
+    """'auto' -> CUDA first when this onnxruntime has it, then CPU; else the named ones that exist."""
+    available = ort.get_available_providers()
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        return [p for p in (CUDA, CPU) if p in available]
+    names = [s.strip() for s in setting.split(",")] if isinstance(setting, str) else list(setting)
+    wanted = [_PROVIDER_ALIASES.get(n.lower(), n) for n in names if n]
+    chosen = [p for p in wanted if p in available]
+    for missing in set(wanted) - set(chosen):
+        log.warning("execution provider %s is not available in this onnxruntime (%s)", missing, available)
+    if not chosen:
+        raise ValueError(f"none of the execution providers {wanted} is available; onnxruntime has {available}")
+    return chosen
+
+
+def create_session(model_path: Path, providers: Sequence[str], intra_op_threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = intra_op_threads
+    options.log_severity_level = 3  # errors only; provider fallbacks are reported by the caller
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
+
+
+def check_graph_inputs(session: ort.InferenceSession, expected: dict[str, type], graph: str) -> None:
+    """Fail at load, naming the difference, when a graph's inputs drift from the contract."""
+    declared = {i.name: i.type for i in session.get_inputs()}
+    if set(declared) != set(expected):
+        raise BundleError(f"{graph}: inputs {sorted(declared)} differ from the contract {sorted(expected)}")
+    for name, dtype in expected.items():
+        if _ORT_DTYPES.get(declared[name]) is not np.dtype(dtype).type:
+            raise BundleError(f"{graph}: input {name} is {declared[name]}, the contract says {np.dtype(dtype)}")
+
+
+class OnnxBeamEngine:
+    """Runs `beam_search.onnx`: one session.run per batch."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        providers: str | Sequence[str] = "auto",
+        intra_op_threads: int = 0,
+        max_history: int | None = None,
+        use_io_binding: bool | None = None,
+    ) -> None:
+        wanted = resolve_providers(providers)
+        self.session = create_session(bundle.file("beam_search.onnx"), wanted, intra_op_threads)
+        self.provider = self.session.get_providers()[0]
+        if wanted[0] != self.provider:
+            log.warning("asked for %s but onnxruntime runs beam_search.onnx on %s", wanted[0], self.provider)
+        self.beam_size = bundle.beam_size
+        self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
+
+        trie_feeds = {name: np.ascontiguousarray(a) for name, a in build_trie(bundle.semantic_ids).as_feeds().items()}
+        expected = {"history_codes": np.int64, "history_mask": np.bool_} | {n: a.dtype.type for n, a in trie_feeds.items()}
+        check_graph_inputs(self.session, expected, "beam_search.onnx")
+        self.trie_nbytes = sum(a.nbytes for a in trie_feeds.values())
+
+        # On a GPU the trie lives on the device for the life of the engine, bound by IOBinding, so a
+        # batch only moves its history tensors. On CPU plain feeds cost nothing extra.
+        self.device = "cuda" if self.provider == CUDA else "cpu"
+        self.uses_io_binding = self.device == "cuda" if use_io_binding is None else use_io_binding
+        self._trie_feeds: dict[str, np.ndarray] = {}
+        self._resident_trie: dict[str, ort.OrtValue] = {}
+        if self.uses_io_binding:
+            self._resident_trie = {n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in trie_feeds.items()}
+        else:
+            self._trie_feeds = trie_feeds
+
+    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        history_codes, history_mask = self._tensorize(histories)  # (B, H, L), (B, H)
+        if self.uses_io_binding:
+            binding = self.session.io_binding()
+            binding.bind_cpu_input("history_codes", history_codes)
+            binding.bind_cpu_input("history_mask", history_mask)
+            for name, value in self._resident_trie.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output("item_indices", "cpu")
+            binding.bind_output("scores", "cpu")
+            self.session.run_with_iobinding(binding)
+            item_indices, scores = binding.copy_outputs_to_cpu()
+        else:
+            feeds = {"history_codes": history_codes, "history_mask": history_mask, **self._trie_feeds}
+            item_indices, scores = self.session.run(["item_indices", "scores"], feeds)
+        expected_shape = (len(histories), self.beam_size)
+        if item_indices.shape != expected_shape or scores.shape != expected_shape:
+            raise RuntimeError(f"beam_search.onnx returned {item_indices.shape}/{scores.shape}, expected {expected_shape}")
+        return item_indices.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)

@@ -1,0 +1,69 @@
+"""Prometheus metrics, one registry per app (so tests and several apps in a process never collide).
+
+Names: prefix `genrec_`, base units (seconds), counters end in `_total`; labels only from small fixed
+sets (endpoint = route template, status code, stage, reason, operation, model name/version).
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Around a 50 ms budget: fine steps below it, coarse ones to 1 s.
+LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("history", "queue", "engine", "response")
+REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready", "body_too_large")
+
+
+class ServiceMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "genrec_requests_total", "HTTP requests by endpoint and status code", ["endpoint", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "genrec_request_duration_seconds", "HTTP request duration", ["endpoint"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.in_flight = Gauge("genrec_requests_in_flight", "HTTP requests being served", registry=r)
+        self.stage_duration = Histogram(
+            "genrec_stage_duration_seconds", "Time a /recommend request spends per stage", ["stage"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "genrec_queue_wait_seconds", "Time from enqueue to the start of the request's engine batch",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.batch_size = Histogram(
+            "genrec_batch_size", "Requests per engine call", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queue_size = Gauge("genrec_queue_size", "Requests waiting for the engine", registry=r)
+        self.rejections = Counter(
+            "genrec_rejections_total", "Requests refused before the engine answered", ["reason"], registry=r
+        )
+        self.history_hits = Counter("genrec_history_store_hits_total", "History reads that found a history", registry=r)
+        self.history_misses = Counter("genrec_history_store_misses_total", "History reads with no stored history", registry=r)
+        self.history_errors = Counter(
+            "genrec_history_store_errors_total", "History store failures", ["operation"], registry=r
+        )
+        self.degraded = Counter(
+            "genrec_degraded_responses_total", "Responses served without the user's stored history", registry=r
+        )
+        self.recommendations = Counter(
+            "genrec_recommendations_total", "Recommendation responses by strategy", ["strategy"], registry=r
+        )
+        self.model_info = Gauge("genrec_model_info", "The bundle being served (value 1)", ["name", "version"], registry=r)
+        for stage in STAGES:  # export every series from the start, so dashboards see zeros, not gaps
+            self.stage_duration.labels(stage=stage)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
+        for operation in ("read", "write"):
+            self.history_errors.labels(operation=operation)
+
+    def set_model(self, name: str, version: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(name=name, version=version).set(1)
+
+    def render(self) -> tuple[bytes, str]:
+        """(exposition body, content type) for GET /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,76 @@
+"""The plain twin of the graph's beam search: Python loops over a dict trie, one decoder call per step.
+
+Slow and obviously correct; tests hold OnnxBeamEngine equal to it. Uses `encoder.onnx` and
+`decoder.onnx`: the decoder returns log_probs (B, L, V) and step p reads row p.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from service.bundle import Bundle
+from service.engine import HistoryTensorizer, check_graph_inputs, create_session, resolve_providers
+from service.trie import PrefixTrie
+
+
+class ReferenceBeamEngine:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        providers: str | Sequence[str] = "auto",
+        intra_op_threads: int = 0,
+        max_history: int | None = None,
+    ) -> None:
+        wanted = resolve_providers(providers)
+        self.encoder = create_session(bundle.file("encoder.onnx"), wanted, intra_op_threads)
+        self.decoder = create_session(bundle.file("decoder.onnx"), wanted, intra_op_threads)
+        check_graph_inputs(self.encoder, {"history_codes": np.int64, "history_mask": np.bool_}, "encoder.onnx")
+        check_graph_inputs(
+            self.decoder,
+            {"memory": np.float32, "history_mask": np.bool_, "prefix_codes": np.int64},
+            "decoder.onnx",
+        )
+        self.provider = self.decoder.get_providers()[0]
+        self.beam_size = bundle.beam_size
+        self.levels = bundle.levels
+        self.trie = PrefixTrie(bundle.semantic_ids)
+        self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
+
+    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        history_codes, history_mask = self._tensorize(histories)  # (B, H, L), (B, H)
+        (memory,) = self.encoder.run(["memory"], {"history_codes": history_codes, "history_mask": history_mask})  # (B, H, D)
+        item_indices = np.full((len(histories), self.beam_size), -1, dtype=np.int64)
+        scores = np.full((len(histories), self.beam_size), -np.inf, dtype=np.float32)
+        for b in range(len(histories)):
+            beams = self._search_one(memory[b : b + 1], history_mask[b : b + 1])
+            for j, (codes, score) in enumerate(beams):
+                item_indices[b, j] = self.trie.item_at(codes)
+                scores[b, j] = score
+        return item_indices, scores
+
+    def _search_one(self, memory: np.ndarray, history_mask: np.ndarray) -> list[tuple[tuple[int, ...], float]]:
+        """Beam search for one request: memory (1, H, D), history_mask (1, H)."""
+        beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (codes so far, sum of log-probs)
+        for step in range(self.levels):
+            prefix_codes = np.zeros((len(beams), self.levels - 1), dtype=np.int64)  # (n, L-1), zero beyond the prefix
+            for i, (prefix, _) in enumerate(beams):
+                prefix_codes[i, : len(prefix)] = prefix
+            (log_probs,) = self.decoder.run(
+                ["log_probs"],
+                {
+                    "memory": np.repeat(memory, len(beams), axis=0),
+                    "history_mask": np.repeat(history_mask, len(beams), axis=0),
+                    "prefix_codes": prefix_codes,
+                },
+            )  # (n, L, V)
+            step_log_probs = log_probs[:, step]  # (n, V)
+            candidates = [
+                (prefix + (code,), score + float(step_log_probs[i, code]))
+                for i, (prefix, score) in enumerate(beams)
+                for code in self.trie.children(prefix)
+            ]
+            candidates.sort(key=lambda candidate: candidate[1], reverse=True)
+            beams = candidates[: self.beam_size]
+        return beams

@@ -1,0 +1,125 @@
+"""POST /recommend: history (request, else store) -> micro-batched beam search -> items."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from fastapi import APIRouter
+
+from service.deps import Serving, ServingDep
+from service.history import HistoryStoreError
+from service.schemas import ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
+
+router = APIRouter(tags=["recommend"])
+
+_PREVIEW = 10  # unknown ids quoted in a warning
+
+
+@router.post(
+    "/recommend",
+    response_model=RecommendResponse,
+    responses=ERROR_RESPONSES,
+    summary="Recommend the next items for a history or a user",
+)
+async def recommend(body: RecommendRequest, serving: ServingDep) -> RecommendResponse:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + serving.settings.request_timeout_ms / 1000.0
+    metrics = serving.metrics
+    warnings: list[str] = []
+
+    raw_history, degraded = await _resolve_history(body, serving, warnings)
+    history_done = loop.time()
+    metrics.stage_duration.labels(stage="history").observe(history_done - started)
+
+    known, unknown = serving.bundle.lookup(raw_history)
+    if unknown:
+        more = f" (and {len(unknown) - _PREVIEW} more)" if len(unknown) > _PREVIEW else ""
+        warnings.append(f"dropped {len(unknown)} unknown item id(s): {unknown[:_PREVIEW]}{more}")
+    if len(known) > serving.max_history:
+        warnings.append(f"history has {len(known)} known items; the model reads the most recent {serving.max_history}")
+    model_history = known[-serving.max_history :]
+    excluded = set(known) if body.exclude_history else set()
+
+    if model_history:
+        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline)
+        metrics.stage_duration.labels(stage="queue").observe(result.queue_wait_s)
+        metrics.stage_duration.labels(stage="engine").observe(result.engine_s)
+        response_started = loop.time()
+        strategy = "generative"
+        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, serving.bundle.popularity, body.k, excluded)
+        if from_beam < body.k:
+            warnings.append(
+                f"beam search (width {serving.engine.beam_size}) gave {from_beam} item(s) after exclusions; "
+                f"the rest come from the popularity ranking"
+            )
+    else:
+        response_started = loop.time()
+        strategy = "popular"
+        ranked, _ = merge_with_popularity((), (), serving.bundle.popularity, body.k, excluded)
+        warnings.append("no known history items: returning the most popular items")
+    if len(ranked) < body.k:
+        warnings.append(f"only {len(ranked)} item(s) available after exclusions (k={body.k})")
+
+    bundle = serving.bundle
+    response = RecommendResponse(
+        items=[RecommendedItem(item_id=bundle.item_ids[i], title=bundle.titles[i], score=s) for i, s in ranked],
+        model=ModelRef(name=bundle.name, version=bundle.version),
+        strategy=strategy,
+        degraded=degraded,
+        warnings=warnings,
+    )
+    metrics.recommendations.labels(strategy=strategy).inc()
+    metrics.stage_duration.labels(stage="response").observe(loop.time() - response_started)
+    return response
+
+
+async def _resolve_history(body: RecommendRequest, serving: Serving, warnings: list[str]) -> tuple[list[str], bool]:
+    """(history item ids oldest first, degraded). A failing store costs the stored history, not the request."""
+    if body.history:
+        return list(body.history), False
+    if body.user_id is None:
+        return [], False
+    metrics = serving.metrics
+    try:
+        history = await serving.history_reader.get(body.user_id)
+    except HistoryStoreError:
+        metrics.history_errors.labels(operation="read").inc()
+        metrics.degraded.inc()
+        warnings.append("history store unavailable: answered without the user's stored history")
+        return [], True
+    (metrics.history_hits if history else metrics.history_misses).inc()
+    return history, False
+
+
+def merge_with_popularity(
+    beam_items: Iterable[int],
+    beam_scores: Iterable[float],
+    popularity: Sequence[int] | np.ndarray,
+    k: int,
+    excluded: set[int],
+) -> tuple[list[tuple[int, float | None]], int]:
+    """Beam results in order (skipping -1, excluded and repeated items), then popular items to reach k.
+
+    Returns ([(item index, score or None for popularity fill)], number taken from the beam)."""
+    ranked: list[tuple[int, float | None]] = []
+    seen: set[int] = set()
+    for item, score in zip(beam_items, beam_scores):
+        item = int(item)
+        if len(ranked) == k:
+            break
+        if item < 0 or item in excluded or item in seen:
+            continue
+        ranked.append((item, float(score)))
+        seen.add(item)
+    from_beam = len(ranked)
+    for item in popularity:
+        if len(ranked) == k:
+            break
+        item = int(item)
+        if item in excluded or item in seen:
+            continue
+        ranked.append((item, None))
+        seen.add(item)
+    return ranked, from_beam

@@ -1,0 +1,148 @@
+"""Request and response bodies of the HTTP API (separate types for each direction)."""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
+
+MAX_K = 100
+
+
+_JSON_TYPE_NAMES = {bool: "boolean", float: "number", type(None): "null", list: "array", dict: "object"}
+MAX_ID_LENGTH = 256
+
+
+def _to_item_id(value: Any) -> str:
+    # bool is an int subclass: refuse it explicitly rather than turning True into "True".
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        got = _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+        raise ValueError(f"item ids must be strings or integers, got {got}")
+    item_id = str(value)
+    if not 1 <= len(item_id) <= MAX_ID_LENGTH:
+        raise ValueError(f"item ids must be 1 to {MAX_ID_LENGTH} characters")
+    return item_id
+
+
+# Item ids may arrive as JSON strings or integers; the service treats them as strings.
+ItemId = Annotated[
+    str,
+    PlainValidator(_to_item_id),
+    WithJsonSchema({"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_LENGTH}, {"type": "integer"}]}),
+]
+UserId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LENGTH)]
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"user_id": "A1B2C3", "k": 10},
+                {"history": ["B0001", "B0002", 12345], "k": 5, "exclude_history": True},
+            ]
+        },
+    )
+
+    user_id: UserId | None = Field(
+        None, description="Read the history from the store for this user when `history` is absent or empty."
+    )
+    history: list[ItemId] | None = Field(
+        None,
+        description="Item ids the user interacted with, oldest first (strings or integers). "
+        "Overrides the stored history when non-empty.",
+    )
+    k: Annotated[int, Field(strict=True, ge=1, le=MAX_K, description="Number of items to return.")] = 10
+    exclude_history: Annotated[bool, Field(strict=True, description="Leave history items out of the results.")] = True
+
+
+class RecommendedItem(BaseModel):
+    item_id: str
+    title: str
+    score: float | None = Field(
+        description="Sum of the log-probabilities of the item's codes; null for items filled from popularity."
+    )
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class RecommendResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [{"item_id": "B0003", "title": "Rose hand cream", "score": -1.93}],
+                    "model": {"name": "beauty-tiger", "version": "20261123-0400"},
+                    "strategy": "generative",
+                    "degraded": False,
+                    "warnings": [],
+                }
+            ]
+        }
+    )
+
+    items: list[RecommendedItem]
+    model: ModelRef
+    strategy: Literal["generative", "popular"] = Field(
+        description="generative: beam search over the history; popular: no usable history, most popular items."
+    )
+    degraded: bool = Field(description="True when the history store failed and the stored history was not used.")
+    warnings: list[str]
+
+
+class EventsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"item_ids": ["B0001", 12345]}]})
+
+    item_ids: list[ItemId] = Field(min_length=1, description="Item ids the user interacted with, oldest first.")
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    appended: int
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="What went wrong and what to change.")
+    errors: list[dict[str, Any]] | None = Field(None, description="One entry per invalid field, where relevant.")
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "ready", "not_ready"]
+    reason: str | None = None
+
+
+class InfoResponse(BaseModel):
+    name: str
+    version: str
+    dataset: str
+    created_at: str | None
+    num_items: int
+    levels: int
+    beam_size: int
+    max_history: int
+    metrics: dict[str, Any] = Field(description="Evaluation metrics the bundle was exported with.")
+    engine: str
+    provider: str
+    history_store: str
+
+
+# Documented error responses, shared by the routes.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "Request body larger than GENREC_MAX_BODY_BYTES."},
+    422: {
+        "model": ErrorResponse,
+        "description": "Malformed JSON, a wrong type, or a value out of range.",
+        "content": {
+            "application/json": {
+                "example": {
+                    "detail": "Invalid request: body.k: Input should be less than or equal to 100",
+                    "errors": [{"loc": "body.k", "message": "Input should be less than or equal to 100", "type": "less_than_equal"}],
+                }
+            }
+        },
+    },
+    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    503: {"model": ErrorResponse, "description": "Not ready, shutting down, or the request deadline passed."},
+}

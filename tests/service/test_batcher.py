@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from service.batcher import Batch, BatcherClosed, DeadlineExceeded, MicroBatcher, PendingRequest, QueueFull
+from service.metrics import ServiceMetrics
+from tests.service.fakes import FakeEngine
+
+
+def make_batcher(engine: FakeEngine, **overrides: float) -> MicroBatcher:
+    options = dict(max_batch_size=8, max_wait_ms=5.0, max_queue_size=64)
+    options.update(overrides)
+    return MicroBatcher(engine, metrics=ServiceMetrics(), **options)  # type: ignore[arg-type]
+
+
+def deadline_in(seconds: float) -> float:
+    return asyncio.get_running_loop().time() + seconds
+
+
+def test_batch_closes_at_max_batch_size_without_waiting_for_the_timer() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=4, max_wait_ms=5_000)
+        await batcher.start()
+        started = time.perf_counter()
+        results = await asyncio.gather(*(batcher.submit(np.array([i]), deadline_in(10)) for i in range(4)))
+        assert time.perf_counter() - started < 2.0  # far below the 5 s window
+        assert engine.batch_sizes == [4]
+        for i, result in enumerate(results):  # each caller gets its own row
+            assert result.item_indices.tolist() == [i * 100 + j for j in range(4)]
+            assert result.batch_size == 4
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_batch_closes_at_max_wait() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=100, max_wait_ms=50)
+        await batcher.start()
+        started = time.perf_counter()
+        await asyncio.gather(*(batcher.submit(np.array([i]), deadline_in(10)) for i in range(3)))
+        elapsed = time.perf_counter() - started
+        assert engine.batch_sizes == [3]
+        assert 0.04 <= elapsed < 1.0
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_requests_beyond_max_batch_size_go_to_the_next_batch() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=3, max_wait_ms=20)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(np.array([i]), deadline_in(10)) for i in range(7)))
+        assert sorted(engine.batch_sizes, reverse=True) == [3, 3, 1]
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        engine.release.clear()  # the engine holds the first batch
+        batcher = make_batcher(engine, max_batch_size=1, max_wait_ms=0, max_queue_size=2)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(np.array([0]), deadline_in(10)))
+        await asyncio.to_thread(engine.entered.wait, 5)
+        queued = [asyncio.create_task(batcher.submit(np.array([i]), deadline_in(10))) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull) as refused:
+            await batcher.submit(np.array([3]), deadline_in(10))
+        assert time.perf_counter() - started < 0.1
+        assert refused.value.retry_after_s >= 1
+        engine.release.set()
+        results = await asyncio.gather(first, *queued)
+        assert [r.item_indices[0] for r in results] == [0, 100, 200]
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_deadline_gives_up_while_the_engine_is_busy_and_the_late_result_is_dropped() -> None:
+    async def main() -> None:
+        engine = FakeEngine(delay_s=0.3)
+        batcher = make_batcher(engine, max_wait_ms=0)
+        await batcher.start()
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.submit(np.array([1]), deadline_in(0.05))
+        assert time.perf_counter() - started < 0.25
+        # the batcher still serves afterwards
+        result = await batcher.submit(np.array([2]), deadline_in(5))
+        assert result.item_indices[0] == 200
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_expired_requests_are_left_out_of_the_batch() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        live = PendingRequest(np.array([1]), now + 10, now, loop.create_future())
+        expired = PendingRequest(np.array([2]), now - 0.001, now, loop.create_future())
+        abandoned = PendingRequest(np.array([3]), now + 10, now, loop.create_future())
+        abandoned.future.cancel()
+        batch = Batch.from_requests([live, expired, abandoned], now)
+        assert batch.requests == [live]
+        assert isinstance(expired.future.exception(), DeadlineExceeded)
+        assert len(batch.filter(lambda r: False)) == 0
+        batch.complete(np.array([[7, 8]]), np.array([[-1.0, -2.0]], dtype=np.float32), started_at=now + 1, engine_s=0.5)
+        assert live.future.result().item_indices.tolist() == [7, 8]
+        assert live.future.result().queue_wait_s == pytest.approx(1.0)
+
+    asyncio.run(main())
+
+
+def test_engine_error_reaches_the_callers_of_that_batch_only() -> None:
+    async def main() -> None:
+        engine = FakeEngine(fail_with=RuntimeError("boom"))
+        batcher = make_batcher(engine, max_wait_ms=0)
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.submit(np.array([1]), deadline_in(5))
+        engine.fail_with = None
+        assert (await batcher.submit(np.array([4]), deadline_in(5))).item_indices[0] == 400
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_close_drains_queued_requests_then_refuses_new_ones() -> None:
+    async def main() -> None:
+        engine = FakeEngine(delay_s=0.05)
+        batcher = make_batcher(engine, max_batch_size=2, max_wait_ms=0)
+        await batcher.start()
+        pending = [asyncio.create_task(batcher.submit(np.array([i]), deadline_in(10))) for i in range(6)]
+        await asyncio.sleep(0)  # let them enqueue
+        await batcher.close(5.0)
+        results = await asyncio.gather(*pending)
+        assert [r.item_indices[0] for r in results] == [i * 100 for i in range(6)]
+        assert sum(engine.batch_sizes) == 6
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(np.array([9]), deadline_in(5))
+
+    asyncio.run(main())
+
+
+def test_close_is_bounded_when_the_engine_hangs() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        engine.release.clear()
+        batcher = make_batcher(engine, max_batch_size=1, max_wait_ms=0)
+        await batcher.start()
+        pending = [asyncio.create_task(batcher.submit(np.array([i]), deadline_in(30))) for i in range(3)]
+        await asyncio.to_thread(engine.entered.wait, 5)
+        started = time.perf_counter()
+        await batcher.close(0.1)
+        assert time.perf_counter() - started < 1.0
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        assert all(isinstance(o, BatcherClosed) for o in outcomes)
+        engine.release.set()
+
+    asyncio.run(main())
+
+
+def test_metrics_record_batches_and_rejections() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        metrics = ServiceMetrics()
+        batcher = MicroBatcher(engine, max_batch_size=4, max_wait_ms=1, max_queue_size=4, metrics=metrics)
+        await batcher.start()
+        await asyncio.gather(*(batcher.submit(np.array([i]), deadline_in(5)) for i in range(4)))
+        await batcher.close(1.0)
+        with pytest.raises(BatcherClosed):
+            await batcher.submit(np.array([1]), deadline_in(5))
+        registry = metrics.registry
+        assert registry.get_sample_value("genrec_batch_size_count") == 1
+        assert registry.get_sample_value("genrec_batch_size_sum") == 4
+        assert registry.get_sample_value("genrec_queue_wait_seconds_count") == 4
+        assert registry.get_sample_value("genrec_rejections_total", {"reason": "draining"}) == 1
+
+    asyncio.run(main())
