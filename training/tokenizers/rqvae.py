@@ -1,0 +1,279 @@
+"""RQ-VAE tokenizer (TIGER): MLP encoder -> residual quantizer (L levels x K codes) -> MLP decoder.
+
+Loss = reconstruction MSE + mean over levels of (codebook loss + beta * commitment loss), with the
+straight-through estimator. Codebooks start from k-means on the latents' residuals (as TIGER), and
+unused codes are re-seeded from random residuals every `reset_every` steps so usage stays high.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from training.tokenizers.base import FitReport, code_usage, unique_fraction
+from training.tokenizers.rqkmeans import kmeans, sq_distances
+
+
+@dataclass
+class RQVAEConfig:
+    hidden: tuple[int, ...] = (512, 256, 128)  # encoder widths; the decoder mirrors them
+    latent_dim: int = 32
+    levels: int = 3
+    codebook_size: int = 256
+    beta: float = 0.25  # commitment weight
+    quant_weight: float = 1.0  # weight of the quantisation loss against reconstruction
+    lr: float = 1e-3
+    codebook_lr_mult: float = 1.0  # codebooks may need to move faster than the encoder drifts
+    warmup_steps: int = 0  # plain autoencoder steps before the k-means codebook init
+    min_lr_ratio: float = 0.1  # cosine decay to lr * this at the last step
+    weight_decay: float = 1e-4  # MLP weights only, never the codebooks
+    batch_size: int = 1024
+    steps: int = 3000
+    kmeans_init_iters: int = 20
+    reset_every: int = 200  # steps between dead-code re-seeding passes (0 = never)
+    reset_until: float = 0.8  # fraction of training after which codes are left to settle
+    standardize: bool = True  # centre inputs and scale to unit mean variance, so MSE ~ 1 at start
+    log_every: int = 100
+    show_progress: bool = True
+
+    def to_params(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        d.pop("show_progress")
+        return d
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(dims) - 1):
+        layers.append(nn.Linear(dims[i], dims[i + 1]))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class RQVAE(nn.Module):
+    def __init__(self, input_dim: int, cfg: RQVAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = _mlp([input_dim, *cfg.hidden, cfg.latent_dim])
+        self.decoder = _mlp([cfg.latent_dim, *reversed(cfg.hidden), input_dim])
+        self.codebooks = nn.Parameter(torch.randn(cfg.levels, cfg.codebook_size, cfg.latent_dim) * 0.01)  # (L, K, d)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """z (B, d) -> (z_q straight-through (B, d), codes (B, L), quant loss, residuals per level)."""
+        residual = z
+        z_q = torch.zeros_like(z)
+        codes, residuals = [], []
+        loss = z.new_zeros(())
+        for level in range(self.cfg.levels):
+            book = self.codebooks[level]  # (K, d)
+            residuals.append(residual.detach())
+            idx = sq_distances(residual.detach(), book.detach()).argmin(1)  # (B,)
+            q = book[idx]  # (B, d)
+            # codebook loss moves codes to residuals; commitment keeps the encoder near its codes
+            loss = loss + F.mse_loss(q, residual.detach()) + self.cfg.beta * F.mse_loss(residual, q.detach())
+            q_st = residual + (q - residual).detach()  # straight-through: identity gradient to z
+            z_q = z_q + q_st
+            residual = residual - q_st
+            codes.append(idx)
+        return z_q, torch.stack(codes, 1), loss / self.cfg.levels, residuals
+
+    def forward(self, x: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z = self.encoder(x)  # (B, d)
+        if not quantize:  # autoencoder warm-up: no codes yet
+            return self.decoder(z), torch.zeros(len(x), 0, dtype=torch.long), z.new_zeros(())
+        z_q, codes, qloss, _ = self.quantize(z)
+        return self.decoder(z_q), codes, qloss  # (B, D_in), (B, L), ()
+
+
+@dataclass
+class _Norm:
+    mean: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    scale: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
+
+
+class RQVAETokenizer:
+    kind = "rqvae"
+
+    def __init__(self, config: RQVAEConfig | None = None, **overrides: Any) -> None:
+        if config is None and "hidden" in overrides:
+            overrides["hidden"] = tuple(overrides["hidden"])
+        self.config = config or RQVAEConfig(**overrides)
+        self.model: RQVAE | None = None
+        self.norm = _Norm()
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return self.config.to_params()
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return [self.config.codebook_size] * self.config.levels
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _prep(self, embeddings: np.ndarray) -> torch.Tensor:
+        x = np.ascontiguousarray(embeddings, dtype=np.float32)
+        return torch.from_numpy((x - self.norm.mean) / self.norm.scale)
+
+    @torch.no_grad()
+    def _latents(self, x: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        assert self.model is not None
+        return torch.cat([self.model.encoder(x[i : i + chunk]) for i in range(0, len(x), chunk)])
+
+    @torch.no_grad()
+    def _recon_mse(self, x: torch.Tensor) -> float:
+        assert self.model is not None
+        z_q, _, _, _ = self.model.quantize(self._latents(x))
+        return float(F.mse_loss(self.model.decoder(z_q), x))
+
+    @torch.no_grad()
+    def _init_codebooks(self, x: torch.Tensor, gen: torch.Generator) -> None:
+        """TIGER: k-means on the residuals of each level, one level after another."""
+        assert self.model is not None
+        residual = self._latents(x)
+        for level in range(self.config.levels):
+            centres, assign = kmeans(residual, self.config.codebook_size, self.config.kmeans_init_iters, gen)
+            self.model.codebooks[level] = centres
+            residual = residual - centres[sq_distances(residual, centres).argmin(1)]
+
+    @torch.no_grad()
+    def _reset_dead_codes(self, x: torch.Tensor, gen: torch.Generator, opt: torch.optim.Optimizer) -> int:
+        """Re-seeds codes no item uses with random residuals of that level; returns how many."""
+        assert self.model is not None
+        books = self.model.codebooks
+        residual = self._latents(x)
+        n_reset = 0
+        for level in range(self.config.levels):
+            idx = sq_distances(residual, books[level]).argmin(1)
+            dead = torch.nonzero(torch.bincount(idx, minlength=self.config.codebook_size) == 0).squeeze(1)
+            if len(dead):
+                pick = torch.randperm(len(residual), generator=gen)[: len(dead)]
+                books[level, dead[: len(pick)]] = residual[pick]
+                state = opt.state.get(books, {})
+                for key in ("exp_avg", "exp_avg_sq"):  # stale Adam moments would drag the new codes
+                    if key in state:
+                        state[key][level, dead] = 0.0
+                n_reset += len(pick)
+                idx = sq_distances(residual, books[level]).argmin(1)
+            residual = residual - books[level][idx]
+        return n_reset
+
+    # -- interface ------------------------------------------------------------------------------
+
+    def fit(self, embeddings: np.ndarray, seed: int) -> FitReport:
+        t0 = time.perf_counter()
+        cfg = self.config
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        n, dim = emb.shape
+        if cfg.standardize:
+            mean = emb.mean(0)
+            scale = np.float32(np.sqrt(((emb - mean) ** 2).mean()) + 1e-8)
+            self.norm = _Norm(mean.astype(np.float32), np.asarray([scale], np.float32))
+        else:
+            self.norm = _Norm(np.zeros(dim, np.float32), np.ones(1, np.float32))
+        x = self._prep(emb)
+        gen = torch.Generator().manual_seed(seed)
+        curve: list[dict[str, float]] = []
+        with torch.random.fork_rng(devices=[]):  # seed model init without touching global RNG state
+            torch.manual_seed(seed)
+            self.model = model = RQVAE(dim, cfg)
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if name != "codebooks":
+                (no_decay if name.endswith("bias") else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+             {"params": [model.codebooks], "weight_decay": 0.0, "lr": cfg.lr * cfg.codebook_lr_mult}],
+            lr=cfg.lr,
+        )
+        total = cfg.warmup_steps + cfg.steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total))
+        )
+        bs = min(cfg.batch_size, n)
+        perm, pos = torch.randperm(n, generator=gen), 0
+        acc = {"recon": 0.0, "quant": 0.0, "k": 0}
+        resets = 0
+        initial_mse = float("nan")
+        model.train()
+        for step in tqdm(range(1 - cfg.warmup_steps, cfg.steps + 1), desc="rqvae", disable=not cfg.show_progress,
+                         mininterval=2.0):
+            if step == 1:  # quantisation starts: codebooks from k-means on the current latents
+                self._init_codebooks(x, gen)
+                initial_mse = self._recon_mse(x)
+            if pos + bs > n:  # new epoch
+                perm, pos = torch.randperm(n, generator=gen), 0
+            batch = x[perm[pos : pos + bs]]
+            pos += bs
+            x_hat, _, qloss = model(batch, quantize=step >= 1)
+            recon = F.mse_loss(x_hat, batch)
+            loss = recon + cfg.quant_weight * qloss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            acc["recon"] += recon.item()
+            acc["quant"] += qloss.item()
+            acc["k"] += 1
+            if cfg.reset_every and step > 0 and step % cfg.reset_every == 0 and step <= cfg.reset_until * cfg.steps:
+                resets += self._reset_dead_codes(x, gen, opt)
+            if step > 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                curve.append({"step": float(step), "recon_mse": acc["recon"] / acc["k"],
+                              "quant_loss": acc["quant"] / acc["k"], "codes_reset": float(resets)})
+                acc = {"recon": 0.0, "quant": 0.0, "k": 0}
+            elif step == 0:
+                acc = {"recon": 0.0, "quant": 0.0, "k": 0}  # warm-up losses are not quantised ones
+        model.eval()
+        codes = self.encode(emb)
+        final_mse = self._recon_mse(x)
+        return FitReport(
+            kind=self.kind,
+            seconds=time.perf_counter() - t0,
+            n_items=n,
+            codebook_sizes=self.codebook_sizes,
+            code_usage=code_usage(codes, self.codebook_sizes),
+            unique_fraction=unique_fraction(codes),
+            metrics={"initial_recon_mse": initial_mse, "recon_mse": final_mse,
+                     "quant_loss": curve[-1]["quant_loss"], "codes_reset": float(resets)},
+            curve=curve,
+        )
+
+    @torch.no_grad()
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.model is None:
+            raise RuntimeError("tokenizer is not fitted")
+        self.model.eval()
+        _, codes, _, _ = self.model.quantize(self._latents(self._prep(embeddings)))
+        return codes.numpy().astype(np.int64)
+
+    @torch.no_grad()
+    def reconstruct(self, embeddings: np.ndarray) -> np.ndarray:
+        """Decoded embeddings (original scale) of the quantised latents."""
+        if self.model is None:
+            raise RuntimeError("tokenizer is not fitted")
+        z_q, _, _, _ = self.model.quantize(self._latents(self._prep(embeddings)))
+        return self.model.decoder(z_q).numpy() * self.norm.scale + self.norm.mean
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        if self.model is None:
+            raise RuntimeError("tokenizer is not fitted")
+        out = {k: v.detach().cpu().numpy().copy() for k, v in self.model.state_dict().items()}
+        out["input_mean"] = self.norm.mean.copy()
+        out["input_scale"] = self.norm.scale.copy()
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.norm = _Norm(np.asarray(state["input_mean"], np.float32), np.asarray(state["input_scale"], np.float32))
+        self.model = RQVAE(int(self.norm.mean.shape[0]), self.config)
+        weights = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if not k.startswith("input_")}
+        self.model.load_state_dict(weights)
+        self.model.eval()
