@@ -14,7 +14,10 @@ def _pipeline(args: argparse.Namespace) -> int:
     from training.configs import get_config
     from training.pipeline import run_pipeline
 
-    summary = run_pipeline(get_config(args.config, args.dataset), seed=args.seed, models_dir=Path(args.models_dir))
+    from training.configs import apply_overrides
+
+    cfg = apply_overrides(get_config(args.config, args.dataset), args.set or [])
+    summary = run_pipeline(cfg, seed=args.seed, models_dir=Path(args.models_dir))
     print(json.dumps(summary))
     return 0
 
@@ -25,7 +28,7 @@ def _demo_bundle(args: argparse.Namespace) -> int:
     if existing and not args.force:
         print(f"[genrec] bundle present: {existing[-1].parent}")
         return 0
-    args.config, args.dataset, args.seed = "beauty-demo", None, 0
+    args.config, args.dataset, args.seed, args.set = "beauty-demo", None, 0, []
     return _pipeline(args)
 
 
@@ -65,6 +68,13 @@ def _serve(args: argparse.Namespace) -> int:
     return serve_main() or 0
 
 
+def _sasrec(args: argparse.Namespace) -> int:
+    """SASRec baseline (training/sasrec.py); every flag after `sasrec` goes to `python -m training.sasrec`."""
+    from training.sasrec import main as sasrec_main
+
+    return sasrec_main(args.sasrec_args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="genrec", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None, help="override the config's dataset: beauty, scientific or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
+                   help="override config fields, e.g. train.device=cuda model.d_model=256 tokenizer=rqkmeans")
     p.set_defaults(func=_pipeline)
 
     p = sub.add_parser("demo-bundle", help="build the small Beauty bundle `make run` serves, if models/ has none")
@@ -90,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("serve", help="run the service (same as python -m service)")
     p.set_defaults(func=_serve)
+
+    # SASRec baseline: "+" prefix so that --flags pass through untouched to training.sasrec's own parser.
+    p = sub.add_parser("sasrec", help="SASRec baseline + item-embedding artifact (flags: genrec sasrec -h)",
+                       add_help=False, prefix_chars="+")
+    p.add_argument("sasrec_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_sasrec)
 
     args = parser.parse_args(argv)
     return int(args.func(args))

@@ -1,6 +1,10 @@
 """Named pipeline configurations: one per row of the results table, plus the small ones."""
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Any
+
 from training.model import Seq2SeqConfig
 from training.pipeline import PipelineConfig
 from training.train import TrainConfig
@@ -51,3 +55,28 @@ def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
         raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS) + ['tiny']}")
     cfg = CONFIGS[name]
     return cfg if dataset is None else PipelineConfig(**{**cfg.__dict__, "dataset": dataset})
+
+
+def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConfig:
+    """`train.lr=1e-3`, `model.d_model=256`, `tokenizer_params.balanced=true`: values parse as JSON, else text."""
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train),
+                              tokenizer_params=dict(cfg.tokenizer_params))
+    for assignment in assignments:
+        path, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"override {assignment!r} must look like field=value")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        *parents, leaf = path.split(".")
+        target: Any = cfg
+        for part in parents:
+            target = target[part] if isinstance(target, dict) else getattr(target, part)
+        if isinstance(target, dict):
+            target[leaf] = value
+        elif hasattr(target, leaf):
+            setattr(target, leaf, value)
+        else:
+            raise ValueError(f"unknown config field {path!r}")
+    return cfg

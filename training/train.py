@@ -31,7 +31,8 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    patience: int = 4  # evaluations without a better validation NDCG@10 before stopping
+    patience: int = 8  # evaluations without a better validation NDCG@10 before stopping
+    min_epochs: int = 15  # the first epochs' validation is noise: no early stop before this
     eval_every: int = 1  # epochs
     eval_users: int | None = 4000  # validation users scored during training (None: all); final numbers use all
     beam_size: int = 20
@@ -221,7 +222,7 @@ def train_recommender(
         if curve_path is not None and rank == 0:
             with curve_path.open("a") as f:
                 f.write(json.dumps(point) + "\n")
-        stop = out_of_time or bad_evals >= train_cfg.patience
+        stop = out_of_time or (bad_evals >= train_cfg.patience and epoch >= train_cfg.min_epochs)
         if world > 1:  # every rank stops at the same epoch
             flag = torch.tensor([int(stop)], device=device)
             dist.broadcast(flag, 0)
