@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DATASET ?= beauty
 SEED ?= 0
 
-.PHONY: install system-deps run test train-beauty train-scientific eval clean
+.PHONY: install system-deps run test bench-quality train-beauty train-scientific eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ run: $(STAMP)
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+# One row of the results table: embeddings, tokenizer, recommender, evaluation, export; ends with a JSON line.
+# Without CONFIG it runs the best configuration for DATASET (training/configs.py BEST_CONFIG).
+bench-quality: $(STAMP)
+	$(BIN)/genrec pipeline --dataset $(DATASET) $(if $(CONFIG),--config $(CONFIG),) --seed $(SEED)
 
 # The full TIGER-style model on Beauty / Scientific; prints the validation and test table.
 train-beauty: $(STAMP)

@@ -16,7 +16,12 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     from training.configs import apply_overrides
 
-    cfg = apply_overrides(get_config(args.config, args.dataset), args.set or [])
+    from training.configs import BEST_CONFIG
+
+    name = args.config or BEST_CONFIG.get(args.dataset or "", "")
+    if not name:
+        raise SystemExit(f"no --config given and no best configuration known for dataset {args.dataset!r}")
+    cfg = apply_overrides(get_config(name, None if args.config is None else args.dataset), args.set or [])
     summary = run_pipeline(cfg, seed=args.seed, models_dir=Path(args.models_dir))
     print(json.dumps(summary))
     return 0
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="embeddings -> tokenizer -> recommender -> evaluation -> bundle")
-    p.add_argument("--config", default="beauty-tiger", help="named configuration (training/configs.py)")
+    p.add_argument("--config", default=None, help="named configuration (training/configs.py); default: the best for --dataset")
     p.add_argument("--dataset", default=None, help="override the config's dataset: beauty, scientific or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models-dir", default=str(MODELS_DIR))

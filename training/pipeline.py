@@ -171,5 +171,18 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "bundle": str(bundle_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    row = results_row(summary)
+    with (models_dir.parent / "runs" / "results.md").open("a") as f:
+        f.write(row + "\n")
+    if progress:
+        print(row, flush=True)
     return summary
+
+
+def results_row(summary: dict[str, Any]) -> str:
+    """One markdown row: | dataset | config | seed | test R@5 R@10 N@5 N@10 | valid N@10 | wall |"""
+    t = summary["test"]
+    return (f"| {summary['dataset']} | {summary['config']} | {summary['seed']} | {t['recall@5']:.4f} | "
+            f"{t['recall@10']:.4f} | {t['ndcg@5']:.4f} | {t['ndcg@10']:.4f} | {summary['valid']['ndcg@10']:.4f} | "
+            f"{summary['wall_s'] / 60:.0f} min |")
 

@@ -191,7 +191,7 @@ def train_recommender(
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
         epoch_loss, epoch_targets = 0.0, 0
         for batch in bar:
-            shard = batch[rank::world]
+            shard = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
             item_codes, mask = collate_sequences([sequences[i] for i in shard], codes)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, n_targets = trained(item_codes.to(device), mask.to(device))
