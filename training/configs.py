@@ -32,8 +32,9 @@ CONFIGS: dict[str, PipelineConfig] = {
         tokenizer="rqkmeans",
         tokenizer_params={"levels": 3, "codebook_size": 256, "iters": 15},
         model=Seq2SeqConfig(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2),
-        train=TrainConfig(epochs=3, eval_users=1000, patience=3),
+        train=TrainConfig(epochs=2, eval_users=1000, min_epochs=0),
         check_users=32,
+        final_eval_users=2000,
     ),
     # TIGER's recipe: RQ-VAE 3 x 256 (+ collision level) and a 4 + 4 layer encoder-decoder.
     # Training stops at 90 minutes so each run stays within 2 hours on 2 cores.
@@ -43,7 +44,8 @@ CONFIGS: dict[str, PipelineConfig] = {
     ),
     # Same recommender on residual k-means codes: better on validation in our sweeps (README).
     "beauty-rqkmeans": PipelineConfig(
-        name="beauty-rqkmeans", dataset="beauty", tokenizer="rqkmeans", train=TrainConfig(max_train_seconds=5400)
+        name="beauty-rqkmeans", dataset="beauty", tokenizer="rqkmeans",
+        train=TrainConfig(max_train_seconds=4200, eval_users=2000),
     ),
     # The recommender on the LETTER codes published with the dataset (data/beauty/semantic_ids).
     "beauty-letter-codes": PipelineConfig(

@@ -36,6 +36,7 @@ class PipelineConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     beam_size: int = 20
     check_users: int = 64  # users whose served top-10 is compared with torch at export
+    final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,8 +107,13 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     t0 = time.perf_counter()
     device = train_cfg.device
-    valid = evaluate(result.model, splits.valid_histories, splits.valid_targets, semantic_ids, cfg.beam_size, device)
-    test = evaluate(result.model, splits.test_histories, splits.test_targets, semantic_ids, cfg.beam_size, device)
+    users = np.arange(len(splits.test_targets))
+    if cfg.final_eval_users is not None and cfg.final_eval_users < len(users):
+        users = np.sort(np.random.default_rng(seed).choice(users, cfg.final_eval_users, replace=False))
+    valid = evaluate(result.model, [splits.valid_histories[u] for u in users], splits.valid_targets[users],
+                     semantic_ids, cfg.beam_size, device)
+    test = evaluate(result.model, [splits.test_histories[u] for u in users], splits.test_targets[users],
+                    semantic_ids, cfg.beam_size, device)
     lap("evaluate", t0)
 
     tokenizer_info = {
@@ -133,7 +139,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         tokenizer_state=tokenizer.state_dict(),
         text_encoder=cfg.text_encoder,
         beam_size=cfg.beam_size,
-        metrics={"valid": valid, "test": test, "best_epoch": result.best_epoch},
+        metrics={"valid": valid, "test": test, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
             "seed": seed,
@@ -163,6 +169,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         },
         "valid": valid,
         "test": test,
+        "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "train_samples_per_s": round(result.samples_per_second, 1),
