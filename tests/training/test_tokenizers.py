@@ -14,7 +14,8 @@ from training.tokenizers import (
 )
 
 SMALL_RQVAE = dict(hidden=(64, 32), latent_dim=8, levels=3, codebook_size=16, steps=300, batch_size=128,
-                   reset_every=50, log_every=50, kmeans_init_iters=5, show_progress=False)
+                   reset_every=50, log_every=50, kmeans_init_iters=5, show_progress=False,
+                   threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -95,6 +95,10 @@ class RQKMeansConfig:
     iters: int = 25  # Lloyd iterations per level
     balanced: bool = False  # capacity-constrained assignment during fit (encode stays nearest-centre)
 
+    def __post_init__(self) -> None:
+        if min(self.levels, self.codebook_size, self.iters) < 1:
+            raise ValueError(f"levels, codebook_size and iters must be >= 1: {self}")
+
 
 class RQKMeansTokenizer:
     kind = "rqkmeans"
