@@ -120,6 +120,7 @@ class RecommendUser(HttpUser):
         if not ITEM_IDS or not is_loopback_host(self.host or ""):
             raise StopUser()  # test_start refused the run; it is quitting
         self.user_id = f"locust-{random.randrange(N_USERS)}"
+        self.write_events()  # every client records some history first, so by-user requests have one to read
 
     def _history(self) -> list[str]:
         n = random.randint(1, min(MAX_HISTORY, len(ITEM_IDS)))
