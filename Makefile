@@ -48,3 +48,9 @@ eval: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache runs
+
+# Serving benchmark: engine vs the usual way, end to end (HTTP + Redis), trie scaling, compute bound.
+# Ends with one JSON line. QUICK=1 runs in under 90 s (no 10M catalog); BUNDLE=dir picks the bundle.
+.PHONY: bench-serving
+bench-serving: $(STAMP)
+	$(BIN)/python benchmarks/bench_serving.py $(if $(QUICK),--quick,) $(if $(BUNDLE),--bundle $(BUNDLE),)

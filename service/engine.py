@@ -14,15 +14,15 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError
-from service.trie import build_trie
+from service.trie import TrieArrays, build_trie
 
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _PROVIDER_ALIASES = {"cuda": CUDA, "cpu": CPU, "tensorrt": "TensorrtExecutionProvider"}
-_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_,
-               "tensor(float)": np.float32}
+_ORT_DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+               "tensor(bool)": np.bool_, "tensor(float)": np.float32}
 
 
 class BeamEngine(Protocol):
@@ -55,13 +55,16 @@ class HistoryTensorizer:
     def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         horizon = self.max_history
         items = np.full((len(histories), horizon), self.pad_index, dtype=np.int64)  # (B, H)
-        for row, history in zip(items, histories):
+        lengths = np.empty(len(histories), dtype=np.int64)
+        for i, history in enumerate(histories):  # the one copy of each request's history
             recent = history[-horizon:]
+            lengths[i] = len(recent)
             if len(recent):
-                if recent.min() < 0 or recent.max() >= self.pad_index:
-                    raise ValueError(f"history item index out of range [0, {self.pad_index})")
-                row[horizon - len(recent):] = recent  # left-pad: most recent last
-        history_mask = items != self.pad_index  # (B, H)
+                items[i, horizon - len(recent):] = recent  # left-pad: most recent last
+        history_mask = np.arange(horizon) >= (horizon - lengths)[:, None]  # (B, H)
+        real = items[history_mask]
+        if real.size and (real.min() < 0 or real.max() >= self.pad_index):
+            raise ValueError(f"history item index out of range [0, {self.pad_index})")
         history_codes = self._codes[items]  # (B, H, L)
         return history_codes, history_mask
 
@@ -81,11 +84,18 @@ def resolve_providers(setting: str | Sequence[str]) -> list[str]:
     return chosen
 
 
-def create_session(model_path: Path, providers: Sequence[str], intra_op_threads: int = 0) -> ort.InferenceSession:
+def create_session(
+    model_path: Path, providers: Sequence[str], intra_op_threads: int = 0, allow_spinning: bool = False
+) -> ort.InferenceSession:
+    """allow_spinning: onnxruntime's intra-op threads busy-wait between operators by default. In the
+    service they share the cores with the event loop, Redis and the batcher, and spinning threads
+    take CPU those need (on a shared 2-core machine, 2 spinning threads ran 3x slower than 2 idle-
+    waiting ones), so the threads sleep when out of work unless asked otherwise."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_op_threads:
         options.intra_op_num_threads = intra_op_threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
     options.log_severity_level = 3  # errors only; provider fallbacks are reported by the caller
     return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
 
@@ -98,6 +108,24 @@ def check_graph_inputs(session: ort.InferenceSession, expected: dict[str, type],
     for name, dtype in expected.items():
         if _ORT_DTYPES.get(declared[name]) is not np.dtype(dtype).type:
             raise BundleError(f"{graph}: input {name} is {declared[name]}, the contract says {np.dtype(dtype)}")
+
+
+def graph_trie_feeds(trie: TrieArrays, declared: dict[str, str]) -> dict[str, np.ndarray]:
+    """The trie arrays in the layout and integer types the graph declares: a depth whose
+    `trie_codes_{d}` input is int16 takes dense rows, int32 padded CSR (graphs exported before the
+    dense rows take int32 everywhere). Values are checked to fit the declared types."""
+    dense = [declared.get(f"trie_codes_{d}") == "tensor(int16)" for d in range(trie.levels)]
+    feeds: dict[str, np.ndarray] = {}
+    for name, array in trie.feeds_for(dense).items():
+        dtype = _ORT_DTYPES.get(declared.get(name, ""))
+        if dtype is None or not np.issubdtype(dtype, np.integer) or dtype is array.dtype.type:
+            feeds[name] = np.ascontiguousarray(array)  # missing or odd inputs: check_graph_inputs names them
+            continue
+        info = np.iinfo(dtype)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise BundleError(f"beam_search.onnx: trie input {name} is {np.dtype(dtype)}, too narrow for this catalog")
+        feeds[name] = np.ascontiguousarray(array, dtype=dtype)
+    return feeds
 
 
 class OnnxBeamEngine:
@@ -120,7 +148,8 @@ class OnnxBeamEngine:
         self.beam_size = bundle.beam_size
         self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
 
-        trie_feeds = {name: np.ascontiguousarray(a) for name, a in build_trie(bundle.semantic_ids).as_feeds().items()}
+        declared = {i.name: i.type for i in self.session.get_inputs()}
+        trie_feeds = graph_trie_feeds(build_trie(bundle.semantic_ids), declared)
         expected = {"history_codes": np.int64, "history_mask": np.bool_} | {n: a.dtype.type for n, a in trie_feeds.items()}
         check_graph_inputs(self.session, expected, "beam_search.onnx")
         self.trie_nbytes = sum(a.nbytes for a in trie_feeds.values())

@@ -1,9 +1,16 @@
 """Constrained beam search as one torch module, exported whole to ONNX (`beam_search.onnx`).
 
-The L decode steps are unrolled (L is small and fixed), trie masking is one fixed-width gather
-per step (see service/trie.py for the layout), and the cross-attention keys and values are
-computed once per request and shared by its beams. The offline evaluator runs this same module,
-so what is measured offline is what is served.
+The L decode steps are unrolled (L is small and fixed). Per step:
+- the decoder runs on the newest code only: each layer's self-attention keys and values of the
+  earlier codes are cached and reordered with the surviving beams (a KV cache), so step p costs one
+  token, not p + 1;
+- the cross-attention keys and values are computed once per request from the encoder memory and
+  shared by its beams (beams are folded into the query axis, never copied);
+- trie masking is one fixed-width gather per step (see service/trie.py): on the leading depths a
+  dense row per live node that already maps every code to its child slot, on the deeper ones a
+  padded CSR row of child codes scattered onto the same fixed (beams, V + 1) grid; scoring and one
+  top-k run on that grid, so a step costs about the same whatever the catalog size.
+The offline evaluator runs this same module, so what is measured offline is what is served.
 """
 from __future__ import annotations
 
@@ -11,6 +18,79 @@ import torch
 from torch import nn
 
 from training.model import NEG, GenerativeRecommender
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def slot_grid(trie_codes: torch.Tensor, node: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, k, grid) int64: for each live node (B, k) and code c, the slot of code c among the
+    node's children in column c + 1, -1 where c is no child (column 0 is a sink, never valid).
+
+    The depth's layout comes from the table's type (service/trie.py): int16 dense rows are already
+    this grid, one row gather each; int32 padded CSR rows of child codes are scattered into it."""
+    k = node.shape[1]
+    if trie_codes.dtype == torch.int16:  # dense rows (nodes, C + 1), C <= V: gather, then pad to the grid
+        rows = trie_codes[node].long()  # (B, k, C + 1)
+        return nn.functional.pad(rows, (0, grid - rows.shape[-1]), value=-1)
+    child_codes = trie_codes[node].long()  # (B, k, W), the fixed-width CSR gather
+    width = child_codes.shape[-1]
+    # Flat positions (b * k + j) * grid + code + 1, the -1 padding landing in column 0: a 1-D
+    # scatter is the cheapest form onnxruntime runs.
+    sequences = node.numel()
+    base = torch.arange(sequences, device=node.device).reshape(-1, k, 1) * grid + 1
+    slots = torch.arange(width, device=node.device).expand_as(child_codes)
+    flat = torch.full((sequences * grid,), -1, dtype=torch.long, device=node.device)
+    flat = flat.scatter(0, (child_codes + base).reshape(-1), slots.reshape(-1))
+    return flat.reshape(-1, k, grid)
+
+
+def constrained_step(
+    log_probs: torch.Tensor,  # (B, k, V) log-probabilities of this level's code, per live beam
+    scores: torch.Tensor,  # (B, k) sum of log-probs so far; <= NEG / 2 marks a dead beam
+    node: torch.Tensor,  # (B, k) int64 trie node of each beam at this depth
+    trie_codes: torch.Tensor,  # this depth's table: dense rows (int16) or padded CSR (int32)
+    trie_offsets: torch.Tensor,  # (nodes,) id of each node's first child at the next depth
+    beam: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One step of trie-constrained beam search.
+
+    The live nodes' children are laid on a fixed grid of V + 1 columns per beam (slot_grid);
+    scoring and one top-k run on that grid, so the step costs about the same for 10 thousand or
+    10 million items (exactly the same on dense-row depths).
+
+    Returns (scores (B, beam), node (B, beam) at the next depth, code (B, beam) chosen, rows
+    (B * beam,) the flat index b * k + parent of each new beam's parent). Dead beams get node 0,
+    code 0 and a score <= NEG / 2."""
+    _, k, v = log_probs.shape
+    grid = max(v + 1, beam)  # >= beam columns, so top-k always has room even at the root
+    neg = torch.tensor(NEG, dtype=log_probs.dtype, device=log_probs.device)
+    slots = slot_grid(trie_codes, node, grid)  # (B, k, grid)
+    padded = nn.functional.pad(log_probs, (1, grid - v - 1), value=NEG)  # sink and spare columns score NEG
+    candidate = torch.where(slots >= 0, scores[..., None] + padded, neg)
+    scores, chosen = candidate.reshape(-1, k * grid).topk(beam, dim=1)  # (B, beam)
+    parent = torch.div(chosen, grid, rounding_mode="floor")
+    slot = slots.reshape(-1, k * grid).gather(1, chosen)
+    first_row = torch.arange(node.shape[0], device=node.device)[:, None] * k  # (B, 1)
+    rows = (first_row + parent).reshape(-1)  # (B * beam,)
+    parent_node = node.reshape(-1).index_select(0, rows).reshape(-1, beam)
+    live = scores > NEG / 2
+    zero = torch.zeros((), dtype=torch.long, device=node.device)
+    node = torch.where(live, trie_offsets[parent_node].long() + slot, zero)
+    code = torch.where(live, chosen - parent * grid - 1, zero)
+    return scores, node, code, rows
+
+
+class ConstrainedStep(nn.Module):
+    """One step alone (gather + scatter + top-k), exported by the serving benchmark to time how a
+    step scales with the catalog."""
+
+    def __init__(self, beam_size: int) -> None:
+        super().__init__()
+        self.beam_size = beam_size
+
+    def forward(self, log_probs, scores, node, trie_codes, trie_offsets):
+        scores, node, code, _ = constrained_step(log_probs, scores, node, trie_codes, trie_offsets, self.beam_size)
+        return scores, node, code
 
 
 class ConstrainedBeamSearch(nn.Module):
@@ -27,42 +107,72 @@ class ConstrainedBeamSearch(nn.Module):
         trie_codes, trie_offsets, leaf_items = trie[:levels], trie[levels : 2 * levels], trie[2 * levels]
         b = history_codes.shape[0]
         memory = model.encode(history_codes, history_mask)
-        cross_kv = model.cross_keys_values(memory)  # per layer (B, h, H, hd): shared by the beams
+        # Per layer, keys transposed to (B, h, hd, H) and values (B, h, H, hd): once per request,
+        # shared by its beams.
+        cross_kv = [(key.transpose(-1, -2), value) for key, value in model.cross_keys_values(memory)]
         cross_bias = torch.zeros(history_mask.shape, device=memory.device).masked_fill(~history_mask, NEG)
         cross_bias = cross_bias[:, None, None, :]  # (B, 1, 1, H)
 
         node = torch.zeros(b, 1, dtype=torch.long, device=memory.device)  # the root, one live beam
         scores = torch.zeros(b, 1, device=memory.device)
-        prefix = None  # (B, k, step) codes chosen so far
-        batch_arange = torch.arange(b, device=memory.device)[:, None]
+        code = node  # unused at step 0
+        self_kv: list[KV] = []
         for step in range(levels):
             k = node.shape[1]
-            # ONNX Reshape reads a 0 in the target shape as "keep", so step 0 takes a zero-width slice.
-            flat_prefix = history_codes[:, 0, :0] if prefix is None else prefix.reshape(b * k, step)
-            hidden = model.decode(flat_prefix, cross_kv, cross_bias, groups=k)
-            log_probs = model.level_log_probs(hidden[:, -1], step).view(b, k, -1)  # (B, k, V)
-            child_codes = trie_codes[step][node].long()  # (B, k, W)
-            width = child_codes.shape[-1]
-            valid = child_codes >= 0
-            candidate = log_probs.gather(-1, child_codes.clamp(min=0))  # (B, k, W)
-            candidate = (scores[..., None] + candidate).masked_fill(~valid | (scores[..., None] <= NEG / 2), NEG)
-            flat = candidate.reshape(b, k * width)
-            # Pad so top-k always has `beam` columns, even when the catalog has fewer paths.
-            flat = torch.cat([flat, torch.full((b, beam), NEG, device=flat.device)], dim=1)
-            scores, chosen = flat.topk(beam, dim=1)  # (B, beam)
-            real = chosen < k * width
-            chosen = torch.where(real, chosen, torch.zeros_like(chosen))
-            parent = torch.div(chosen, width, rounding_mode="floor")
-            slot = chosen - parent * width
-            parent_node = node[batch_arange, parent]
-            code = child_codes[batch_arange, parent, slot]
-            node = trie_offsets[step][parent_node].long() + slot
-            node = torch.where(scores > NEG / 2, node, torch.zeros_like(node))
-            code = code.clamp(min=0)[..., None]
-            prefix = code if prefix is None else torch.cat([prefix[batch_arange, parent], code], dim=-1)
+            x = self.step_input(step, code.reshape(-1))  # (B * k, D)
+            hidden, self_kv = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
+            log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
+            scores, node, code, rows = constrained_step(log_probs, scores, node, trie_codes[step], trie_offsets[step], beam)
+            if step + 1 < levels:  # the new beams inherit their parents' cached keys and values
+                self_kv = [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in self_kv]
         live = scores > NEG / 2
         items = torch.where(live, leaf_items[node].long(), torch.full_like(node, -1))
         return items, scores
+
+    def step_input(self, step: int, codes: torch.Tensor) -> torch.Tensor:
+        """The decoder input at position `step`, as GenerativeRecommender.decoder_inputs builds it:
+        BOS at 0, else the embedding of the previous level's code (codes (S,)); plus the position.
+        -> (S, D)"""
+        model = self.model
+        token = model.bos.expand(codes.shape[0], -1) if step == 0 else model.code_embeddings[step - 1](codes)
+        return model.dropout(token + model.decoder_positions.weight[step])
+
+    def decode_newest(
+        self, x: torch.Tensor, self_kv: list[KV], cross_kv: list[KV], cross_bias: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """GenerativeRecommender.decode for the newest position only (eval mode).
+
+        x (S, D): the newest position's input, S = B * groups sequences, the `groups` beams of a
+        request next to each other. self_kv: per layer the earlier positions' self-attention keys
+        (S, h, hd, t), transposed, and values (S, h, t, hd). cross_kv: per layer the memory's keys
+        (B, h, hd, H), transposed, and values (B, h, H, hd). cross_bias (B, 1, 1, H).
+        Returns (hidden (S, D) after the final norm, self_kv with this position appended).
+
+        Mirrors DecoderLayer.forward and Attention.attend with every reshape written for one
+        position and constant head sizes, so the exported graph has few shape operations; tests
+        hold it equal to model.decode."""
+        new_kv: list[KV] = []
+        for i, (layer, (cross_keys, cross_values)) in enumerate(zip(self.model.decoder_layers, cross_kv)):
+            attn, cross = layer.self_attn, layer.cross_attn
+            heads, head_dim = attn.n_heads, attn.head_dim
+            h = layer.norm1(x)
+            q = attn.q(h).reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            # Attention.keys_values: the first D outputs of kv are the keys, the next D the values.
+            d = heads * head_dim
+            key = nn.functional.linear(h, attn.kv.weight[:d]).reshape(-1, heads, head_dim, 1)  # (S, h, hd, 1)
+            value = nn.functional.linear(h, attn.kv.weight[d:]).reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            if self_kv:
+                key, value = torch.cat([self_kv[i][0], key], dim=-1), torch.cat([self_kv[i][1], value], dim=-2)
+            new_kv.append((key, value))
+            weights = ((q @ key) * head_dim**-0.5).softmax(-1)  # (S, h, 1, t): earlier positions only, no mask
+            x = x + layer.dropout(attn.out((weights @ value).reshape(-1, heads * head_dim)))
+            # Beams of one request share the memory: fold them into the query axis.
+            q = cross.q(layer.norm2(x)).reshape(-1, groups, heads, head_dim).transpose(1, 2)  # (B, h, groups, hd)
+            weights = ((q @ cross_keys) * head_dim**-0.5 + cross_bias).softmax(-1)  # (B, h, groups, H)
+            attended = (weights @ cross_values).transpose(1, 2).reshape(-1, heads * head_dim)  # (S, D)
+            x = x + layer.dropout(cross.out(attended))
+            x = x + layer.dropout(layer.ff(layer.norm3(x)))
+        return self.model.decoder_norm(x), new_kv
 
 
 class EncoderGraph(nn.Module):

@@ -1,0 +1,707 @@
+"""Serving benchmark: the engine alone against "the usual way", end to end through HTTP and Redis,
+trie scaling to 10M items, the micro-batcher settings, and the compute bound. Every ratio is
+measured side by side in this one run (the machine is shared, so absolute numbers drift).
+
+    make bench-serving            # full run (about 10 to 15 minutes on 2 cores)
+    make bench-serving QUICK=1    # under 90 s: fewer sizes and shorter runs, no 10M catalog
+    python benchmarks/bench_serving.py --bundle models/beauty-demo/<version> [--quick] [--as-is]
+
+The last line of stdout is one JSON object with the headline numbers; tables go before it.
+By default the bundle's beam_search.onnx is re-exported from its recommender.safetensors with the
+current training/beam.py into a temporary copy, so the benchmark measures the current code
+(`--as-is` serves the bundle untouched).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
+
+import loadgen  # noqa: E402
+from catalogs import synthetic_semantic_ids  # noqa: E402
+from flops import machine_matmul_flops, matmul_flops  # noqa: E402
+
+from service.bundle import Bundle, file_digests, load_bundle  # noqa: E402
+from service.config import find_newest_bundle  # noqa: E402
+from service.engine import OnnxBeamEngine, create_session, graph_trie_feeds  # noqa: E402
+from service.trie import build_trie  # noqa: E402
+
+HISTORY = 20
+K = 10
+P99_BUDGET_MS = 50.0
+BUILD_HINT = (
+    "build one with:\n  genrec pipeline --config beauty-demo --models-dir models --set model.d_model=128 "
+    "model.d_ff=512 model.n_heads=4 model.encoder_layers=4 model.decoder_layers=4 train.epochs=1 train.eval_users=500"
+)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def table(title: str, rows: list[dict], columns: list[str] | None = None) -> None:
+    if not rows:
+        return
+    columns = columns or list(rows[0])
+    cells = [[_fmt(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    log(f"\n## {title}")
+    log("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |")
+    log("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        log("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths)) + " |")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+# ---- the bundle --------------------------------------------------------------------------------
+
+def resolve_bundle(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    try:
+        return find_newest_bundle(REPO / "models")
+    except FileNotFoundError:
+        sys.exit(f"bench_serving: no bundle under {REPO / 'models'}; pass --bundle DIR or {BUILD_HINT}")
+
+
+def reexport(bundle_dir: Path, work: Path) -> tuple[Path, str]:
+    """A copy of the bundle whose graphs come from the current training/beam.py."""
+    if not (bundle_dir / "recommender.safetensors").is_file():
+        return bundle_dir, "bundle has no recommender.safetensors: served as-is"
+    from training.export import export_graphs, load_recommender
+
+    copy = work / "bundle" / bundle_dir.parent.name / bundle_dir.name
+    shutil.copytree(bundle_dir, copy)
+    bundle = load_bundle(copy, verify_checksums=False)
+    export_graphs(load_recommender(copy), bundle.semantic_ids.astype(np.int64), bundle.beam_size, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["files"] = file_digests(copy, manifest["files"])
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return copy, "graphs re-exported with the current training/beam.py"
+
+
+def random_histories(n_items: int, count: int, rng: np.random.Generator, length: int = HISTORY) -> list[np.ndarray]:
+    return [rng.integers(0, n_items, size=length) for _ in range(count)]
+
+
+# ---- 1. engine alone ---------------------------------------------------------------------------
+
+def time_engine(engine, histories: list[np.ndarray], batch: int, seconds: float, min_calls: int = 5) -> dict:
+    engine.search(histories[:batch])  # warm-up for this shape
+    latencies = []
+    served = 0
+    start = time.perf_counter()
+    i = 0
+    while time.perf_counter() - start < seconds or len(latencies) < min_calls:
+        chunk = [histories[(i + j) % len(histories)] for j in range(batch)]
+        i += batch
+        t0 = time.perf_counter()
+        engine.search(chunk)
+        latencies.append(time.perf_counter() - t0)
+        served += batch
+    wall = time.perf_counter() - start
+    lat = np.asarray(latencies) * 1e3
+    return {"batch": batch, "rps": served / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "calls": len(latencies)}
+
+
+# ---- 3. trie scaling ---------------------------------------------------------------------------
+
+def export_step_graph(work: Path, beam: int, vocab: int, dense: bool) -> Path:
+    """ConstrainedStep alone, for a dense-row (int16) or a CSR (int32) depth; `vocab` (the widest
+    codebook) is fixed at export, as in the full graph."""
+    import io
+    import warnings
+
+    import torch
+
+    from training.beam import ConstrainedStep
+
+    path = work / f"step-{'dense' if dense else 'csr'}.onnx"
+    args = (torch.zeros(2, 3, vocab), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long),
+            torch.zeros(5, 4, dtype=torch.int16 if dense else torch.int32), torch.zeros(5, dtype=torch.int32))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ConstrainedStep(beam), args, buffer, dynamo=False, opset_version=17,
+            input_names=["log_probs", "scores", "node", "trie_codes", "trie_offsets"],
+            output_names=["new_scores", "new_node", "code"],
+            dynamic_axes={"log_probs": {0: "b", 1: "k"}, "scores": {0: "b", 1: "k"}, "node": {0: "b", 1: "k"},
+                          "trie_codes": {0: "nodes", 1: "width"}, "trie_offsets": {0: "nodes"}},
+        )
+    path.write_bytes(buffer.getvalue())
+    return path
+
+
+def step_runs(sessions, trie, vocab: int, beam: int, batch: int, rng) -> list[tuple]:
+    """Per depth, the step graph for its default layout and feeds for `batch` requests x beam live
+    beams at random nodes (sessions: {True: dense-row step graph, False: CSR step graph})."""
+    feeds_per_depth = trie.as_feeds()
+    runs = []
+    for depth in range(trie.levels):
+        k = 1 if depth == 0 else beam
+        table = feeds_per_depth[f"trie_codes_{depth}"]
+        feeds = {
+            "log_probs": np.log(rng.dirichlet(np.ones(vocab), size=(batch, k))).astype(np.float32),
+            "scores": -rng.random((batch, k)).astype(np.float32),
+            "node": rng.integers(0, len(table), size=(batch, k)).astype(np.int64),
+            "trie_codes": table, "trie_offsets": trie.offsets[depth],
+        }
+        session = sessions[table.dtype == np.int16]
+        session.run(None, feeds)
+        runs.append((session, feeds))
+    return runs
+
+
+def interleaved_medians(calls: dict, reps: int) -> dict:
+    """Median seconds of each zero-argument call, the calls taken in turn `reps` times, so a noisy
+    moment of the shared machine hits them all alike."""
+    times = {key: [] for key in calls}
+    for _ in range(reps):
+        for key, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            times[key].append(time.perf_counter() - t0)
+    return {key: float(np.median(t)) for key, t in times.items()}
+
+
+def trie_scaling(bundle: Bundle, sizes: list[int], work: Path, threads: int, quick: bool, rng) -> list[dict]:
+    """Build time and bytes per item of synthetic catalogs; the step time of every depth and (full
+    run) the whole search at batch 32, all catalogs timed in turn."""
+    codebook_sizes = [int(v) for v in bundle.semantic_ids.max(axis=0) + 1]
+    declared = bundle.manifest.get("tokenizer", {}).get("codebook_sizes")
+    if declared and len(declared) == len(codebook_sizes):
+        codebook_sizes = [max(int(a), b) for a, b in zip(declared, codebook_sizes)]
+    sessions = {dense: create_session(export_step_graph(work, bundle.beam_size, max(codebook_sizes), dense),
+                                      ["CPUExecutionProvider"], threads) for dense in (True, False)}
+    rows, step_calls, engine_calls, engines = [], {}, {}, []
+    for n in sizes:
+        if n > np.prod(codebook_sizes, dtype=np.float64):
+            log(f"  trie {n:>10,d} items: does not fit codebooks {codebook_sizes}, skipped")
+            continue
+        t0 = time.perf_counter()
+        ids = synthetic_semantic_ids(n, codebook_sizes, seed=n)
+        generate_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trie = build_trie(ids)
+        build_s = time.perf_counter() - t0
+        for depth, (session, feeds) in enumerate(step_runs(sessions, trie, max(codebook_sizes), bundle.beam_size, 32, rng)):
+            step_calls[(n, depth)] = lambda session=session, feeds=feeds: session.run(None, feeds)
+        layout = "".join("D" if d < trie.default_dense_levels else "C" for d in range(trie.levels))
+        rows.append({"items": n, "generate_s": generate_s, "build_s": build_s, "bytes_per_item": trie.nbytes / n,
+                     "layout": layout, "csr_widths": "x".join(map(str, trie.widths))})
+        log(f"  trie {n:>10,d} items: generated in {generate_s:.2f} s, built in {build_s:.2f} s, "
+            f"{rows[-1]['bytes_per_item']:.1f} B/item")
+        if not quick:  # the whole search over this catalog, with the real model
+            catalog = Bundle(bundle.path, bundle.manifest, ids, [], [], np.zeros(0, np.int64), {})
+            engine = OnnxBeamEngine(catalog, providers="cpu", intra_op_threads=threads)
+            batch = random_histories(n, 32, rng)
+            engine.search(batch)
+            engines.append(engine)
+            engine_calls[n] = lambda engine=engine, batch=batch: engine.search(batch)
+        del trie, ids
+    steps = interleaved_medians(step_calls, 20 if quick else 60)
+    whole = interleaved_medians(engine_calls, 10) if engine_calls else {}
+    for row in rows:
+        n = row["items"]
+        per_depth = [steps[(n, d)] * 1e3 for d in range(len(row["layout"]))]
+        row["step_ms_per_level"] = "/".join(f"{s:.2f}" for s in per_depth)
+        row["steps_ms_total"] = sum(per_depth)
+        if n in whole:
+            row["engine_ms_b32"] = whole[n] * 1e3
+    del engines
+    return rows
+
+
+# ---- 5. end to end -----------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
+def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("bench_serving: redis-server is not installed (`make system-deps` or apt-get install redis-server)")
+    port = free_port()
+    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(work)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            time.sleep(0.05)
+    stop(proc)
+    sys.exit("bench_serving: redis-server did not start")
+
+
+class Service:
+    """The real service process (`python -m service`) on a free loopback port."""
+
+    def __init__(self, bundle_dir: Path, redis_url: str, work: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.log_path = work / f"service-{self.port}.log"
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("GENREC_")}
+        child_env.update(GENREC_BUNDLE_DIR=str(bundle_dir), GENREC_HOST="127.0.0.1", GENREC_PORT=str(self.port),
+                         GENREC_REDIS_URL=redis_url, GENREC_ONNX_PROVIDERS="cpu", PYTHONUNBUFFERED="1",
+                         PYTHONPATH=str(REPO))
+        child_env.update(env)
+        self.env = env
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=child_env,
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                sys.exit(f"bench_serving: the service exited ({self.proc.returncode}); log:\n"
+                         f"{self.log_path.read_text()[-4000:]}")
+            try:
+                if self.get("/health/ready")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        stop(self.proc)
+        sys.exit(f"bench_serving: the service was not ready in {timeout:.0f} s; log:\n{self.log_path.read_text()[-4000:]}")
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        return int(head[9:12]), body
+
+    def metrics(self) -> dict[str, float]:
+        """The counters the benchmark needs from /metrics: sums and counts of the stage and request
+        histograms, the batch size histogram, rejections."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        out: dict[str, float] = {}
+        for family in text_string_to_metric_families(self.get("/metrics")[1].decode()):
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name.startswith("genrec_stage_duration_seconds_") and not sample.name.endswith("_bucket"):
+                    out[f"{sample.name.rsplit('_', 1)[1]}:{labels['stage']}"] = sample.value
+                elif sample.name in ("genrec_request_duration_seconds_sum", "genrec_request_duration_seconds_count"):
+                    if labels.get("endpoint") == "/recommend":
+                        out[f"{sample.name.rsplit('_', 1)[1]}:request"] = sample.value
+                elif sample.name in ("genrec_batch_size_sum", "genrec_batch_size_count", "genrec_queue_wait_seconds_sum"):
+                    out[sample.name] = sample.value
+                elif sample.name == "genrec_rejections_total":
+                    out["rejections"] = out.get("rejections", 0.0) + sample.value
+        return out
+
+    def stop(self) -> None:
+        stop(self.proc)
+
+
+def breakdown(before: dict[str, float], after: dict[str, float], client_mean_ms: float) -> dict:
+    """Per /recommend request: mean ms per stage (service side), the share outside the engine."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    n = d.get("count:request", 0.0)
+    if n <= 0:
+        return {}
+    per = {stage: 1e3 * d.get(f"sum:{stage}", 0.0) / max(d.get(f"count:{stage}", 0.0), 1.0)
+           for stage in ("history", "queue", "engine", "response")}
+    request_ms = 1e3 * d["sum:request"] / n
+    batches = d.get("genrec_batch_size_count", 0.0)
+    return {
+        "service_ms": request_ms, "history_ms": per["history"], "queue_ms": per["queue"], "engine_ms": per["engine"],
+        "response_ms": per["response"],
+        "mean_batch": d.get("genrec_batch_size_sum", 0.0) / batches if batches else None,
+        "outside_share_service": 1.0 - per["engine"] / request_ms if request_ms > 0 else None,
+        "outside_share_client": 1.0 - per["engine"] / client_mean_ms if client_mean_ms > 0 else None,
+        "rejections": d.get("rejections", 0.0),
+    }
+
+
+def seed_users(redis_url: str, bundle: Bundle, users: int, rng) -> list[str]:
+    """Stored histories of HISTORY items per user, written with the service's own Redis store."""
+    from service.history import RedisHistoryStore
+
+    user_ids = [f"bench-{i}" for i in range(users)]
+    histories = [[bundle.item_ids[j] for j in h] for h in random_histories(bundle.num_items, users, rng)]
+
+    async def write() -> None:
+        store = RedisHistoryStore.from_url(redis_url, max_items=HISTORY, ttl_s=3600, timeout_ms=1000)
+        for start in range(0, users, 16):  # a few at a time: the client's connection pool is small
+            await asyncio.gather(*(store.append(u, h) for u, h in zip(user_ids[start:start + 16], histories[start:start + 16])))
+        await store.close()
+
+    asyncio.run(write())
+    return user_ids
+
+
+def request_factory(port: int, user_ids: list[str], seed: int):
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(user_ids), size=1 << 16)
+    encoded = [loadgen.post_json("127.0.0.1", port, "/recommend", {"user_id": u, "k": K}) for u in user_ids]
+    return lambda i: encoded[picks[i & 0xFFFF]]
+
+
+def measure(service: Service, make, mode: str, value: float, seconds: float, seed: int = 0) -> dict:
+    before = service.metrics()
+    if mode == "closed":
+        result = loadgen.run(loadgen.closed_loop("127.0.0.1", service.port, make, int(value), seconds))
+    else:
+        result = loadgen.run(loadgen.open_loop("127.0.0.1", service.port, make, value, seconds, seed=seed))
+    summary = result.summary()
+    summary |= breakdown(before, service.metrics(), summary["mean_ms"])
+    if mode == "closed":
+        summary["workers"] = int(value)
+    return summary
+
+
+def run_locust(port: int, items_path: Path, users: int, seconds: int, work: Path) -> dict:
+    locust = shutil.which("locust") or str(Path(sys.executable).parent / "locust")
+    prefix = work / "locust"
+    env = {**os.environ, "GENREC_LOCUST_ITEMS": str(items_path), "GENREC_LOCUST_MAX_HISTORY": str(HISTORY)}
+    cmd = [locust, "-f", str(REPO / "deploy" / "locustfile.py"), "--headless", "-u", str(users), "-r", str(users),
+           "-t", f"{seconds}s", "--host", f"http://127.0.0.1:{port}", "--csv", str(prefix), "--only-summary",
+           "--loglevel", "WARNING"]
+    subprocess.run(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=seconds + 60)
+    import csv
+
+    with open(f"{prefix}_stats.csv") as f:
+        rows = {r["Name"]: r for r in csv.DictReader(f)}
+    out = {}
+    for name, row in rows.items():
+        if name == "Aggregated" or name.startswith("/recommend"):
+            out[name] = {"rps": float(row["Requests/s"]), "p50_ms": float(row["50%"]), "p99_ms": float(row["99%"]),
+                         "requests": int(row["Request Count"]), "failures": int(row["Failure Count"])}
+    return out
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", help="bundle dir; default: the newest under models/")
+    parser.add_argument("--quick", action="store_true", help="under 90 s: fewer points, no 10M catalog")
+    parser.add_argument("--as-is", action="store_true", help="serve the bundle's own graphs (no re-export)")
+    parser.add_argument("--threads", type=int, default=2, help="threads for the engine, the usual way and matmul")
+    parser.add_argument("--service-threads", type=int, default=None,
+                        help="GENREC_INTRA_OP_THREADS for the service (default: measured choice of 1 or --threads)")
+    parser.add_argument("--max-batch-size", type=int, default=None, help="service micro-batch size (default: tuned)")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="service batch window (default: tuned)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json-out", type=Path, help="also write the JSON line here")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    t_start = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    notes: list[str] = []
+    work = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    redis_proc = None
+    try:
+        source = resolve_bundle(args.bundle).resolve()
+        log(f"# genrec serving benchmark ({'QUICK' if quick else 'full'})\nbundle: {source}")
+        log(f"machine: {os.cpu_count()} cpus, load average {os.getloadavg()[0]:.1f} at start; threads {args.threads}")
+        if args.as_is:
+            served, how = source, "served as-is"
+        else:
+            served, how = reexport(source, work)
+        log(f"graphs: {how}")
+        notes.append(how)
+        bundle = load_bundle(served)
+        cfg = bundle.manifest.get("model", {}).get("config", {})
+        log(f"model: d_model {cfg.get('d_model')}, layers {cfg.get('encoder_layers')}+{cfg.get('decoder_layers')}, "
+            f"d_ff {cfg.get('d_ff')}, heads {cfg.get('n_heads')}; items {bundle.num_items}, levels {bundle.levels}, "
+            f"beam {bundle.beam_size}, k {K}, history {HISTORY}")
+
+        # The end-to-end processes start now and idle until section 5 (startup overlaps the rest).
+        redis_proc, redis_port = start_redis(work)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+
+        # ---- 1. engine alone
+        histories = random_histories(bundle.num_items, 512, rng)
+        engine = OnnxBeamEngine(bundle, providers="cpu", intra_op_threads=args.threads)
+        batch_sizes = [1, 8, 32, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
+        engine_rows = [time_engine(engine, histories, b, 0.8 if quick else 2.5) for b in batch_sizes]
+        for row in engine_rows:
+            log(f"  engine batch {row['batch']:>3}: {row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms")
+        if not quick and served != source:
+            own = OnnxBeamEngine(load_bundle(source), providers="cpu", intra_op_threads=args.threads)
+            for b in (1, 32):
+                mine = time_engine(engine, histories, b, 2.0)
+                theirs = time_engine(own, histories, b, 2.0)
+                engine_rows.append({"batch": b, "graph": "bundle's own (before)", **{k: theirs[k] for k in ("rps", "p50_ms", "p99_ms")},
+                                    "vs_current": mine["rps"] / theirs["rps"]})
+            del own
+
+        # ---- 2. the usual way
+        from usual_way import UsualT5Recommender, time_usual_way
+
+        usual = UsualT5Recommender(
+            bundle.semantic_ids, [int(v) for v in bundle.semantic_ids.max(axis=0) + 1],
+            d_model=cfg.get("d_model", 128), d_ff=cfg.get("d_ff", 512), n_heads=cfg.get("n_heads", 4),
+            encoder_layers=cfg.get("encoder_layers", 4), decoder_layers=cfg.get("decoder_layers", 4),
+            beam_size=bundle.beam_size, k=K, threads=args.threads, seed=args.seed,
+        )
+        # The baseline gets its better thread count (torch's threads spin, which a busy machine punishes).
+        usual_rows = []
+        for threads in sorted({1, args.threads}):
+            usual.torch.set_num_threads(threads)
+            usual_rows.append(time_usual_way(usual, histories[: 4 if quick else 24]) | {"threads": threads})
+            log(f"  usual way, {threads} thread(s): {usual_rows[-1]['rps']:.2f} req/s, p99 {usual_rows[-1]['p99_ms']:.0f} ms")
+        usual_row = max(usual_rows, key=lambda r: r["rps"])
+        del usual
+        # The engine's best throughput at a batch size whose p99 is still below the usual way's.
+        faster = [r for r in engine_rows if "graph" not in r and r["p99_ms"] < usual_row["p99_ms"]]
+        best = max(faster or engine_rows[:1], key=lambda r: r["rps"])
+        for row in engine_rows:
+            if "graph" not in row:
+                row["vs_usual"] = row["rps"] / usual_row["rps"]
+        table("Engine alone (one session.run per batch) vs the usual way (T5 generate, one request at a time)",
+              [{"graph": r.get("graph", "current"), **r} for r in engine_rows]
+              + [{"graph": f"usual way (HF T5 generate, {r['threads']} thread(s))", "batch": 1, "rps": r["rps"],
+                  "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "vs_usual": r["rps"] / usual_row["rps"]} for r in usual_rows],
+              ["graph", "batch", "rps", "p50_ms", "p99_ms", "vs_usual", "vs_current"])
+
+        # ---- 3. compute bound
+        feeds_batch = 8
+        from service.engine import HistoryTensorizer
+
+        codes, mask = HistoryTensorizer(bundle.semantic_ids, bundle.max_history)(histories[:feeds_batch])
+        session_inputs = {i.name: i.type for i in create_session(bundle.file("beam_search.onnx"), ["CPUExecutionProvider"]).get_inputs()}
+        feeds = {"history_codes": codes, "history_mask": mask} | graph_trie_feeds(build_trie(bundle.semantic_ids), session_inputs)
+        counted = matmul_flops(str(bundle.file("beam_search.onnx")), feeds)
+        flops_per_request = counted["matmul"] / feeds_batch
+        best_engine = max((r for r in engine_rows if "graph" not in r), key=lambda r: r["rps"])
+        # The engine at its best batch size and the machine's matmul rate, in alternating bursts, so
+        # both see the same moments of a shared machine; the ratio is the median over the rounds.
+        rounds = []
+        for _ in range(3 if quick else 6):
+            burst = time_engine(engine, histories, best_engine["batch"], 0.6 if quick else 1.0, min_calls=2)
+            machine = machine_matmul_flops(threads=args.threads, seconds=0.6 if quick else 1.0)
+            # The bound takes the round's fastest matmul call: the most the hardware gave in that round.
+            bound = machine["flops_per_s_best"] / flops_per_request
+            rounds.append({"engine_rps": burst["rps"], "machine_gflops_best": machine["flops_per_s_best"] / 1e9,
+                           "machine_gflops_median": machine["flops_per_s_median"] / 1e9, "bound_rps": bound,
+                           "ratio": burst["rps"] / bound,
+                           "ratio_to_median_rate": burst["rps"] * flops_per_request / machine["flops_per_s_median"],
+                           "by_library": machine["all"]})
+        del engine
+        mid = sorted(rounds, key=lambda r: r["ratio"])[len(rounds) // 2]
+        bound_rps = float(np.median([r["bound_rps"] for r in rounds]))
+        throughput_over_bound = float(np.median([r["ratio"] for r in rounds]))
+        machine_gflops = float(np.median([r["machine_gflops_best"] for r in rounds]))
+        table("Compute bound (engine at its best batch and 1024^3 matmuls in alternating bursts, median round; "
+              "bound = matmul MFLOP/request at the round's fastest matmul call)", [{
+                  "matmul_MFLOP_per_request": flops_per_request / 1e6, "matmul_nodes": int(counted["nodes"]),
+                  "GFLOPs_fastest": machine_gflops, "GFLOPs_median_by_library": mid["by_library"],
+                  "bound_rps": bound_rps, "engine_rps": mid["engine_rps"], "batch": best_engine["batch"],
+                  "measured_over_bound": throughput_over_bound,
+                  "measured_over_median_rate": float(np.median([r["ratio_to_median_rate"] for r in rounds])),
+                  "rounds": len(rounds),
+              }])
+
+        # ---- 4. trie scaling
+        sizes = [10_000, 100_000, 1_000_000] if quick else [10_000, 100_000, 1_000_000, 10_000_000]
+        if quick:
+            notes.append("quick: the 10M catalog is left out (step_time_ratio and bytes/item use 1M)")
+        scaling = trie_scaling(bundle, sizes, work, args.threads, quick, rng)
+        table("Trie scaling (synthetic catalogs, the bundle's levels and codebook sizes; layout D = dense rows, C = padded CSR; step = gather (+ scatter on C) + "
+              "top-k for 32 requests x beam, median)", scaling)
+        if not scaling:
+            notes.append("no synthetic catalog fits this bundle's codebooks: trie scaling skipped")
+        small = scaling[0] if scaling else None
+        large = scaling[-1] if scaling else None
+
+        # ---- 5. end to end: real service process + Redis
+        e2e = end_to_end(args, bundle, served, redis_url, work, quick, rng, notes)
+
+        # ---- JSON
+        result = {
+            "quick": quick,
+            "bundle": str(source),
+            "engine_speedup_vs_usual": round(best["rps"] / usual_row["rps"], 1),
+            "engine_rps": round(best["rps"], 1),
+            "engine_batch": best["batch"],
+            "engine_p99_ms": round(best["p99_ms"], 1),
+            "usual_rps": round(usual_row["rps"], 2),
+            "usual_p99_ms": round(usual_row["p99_ms"], 1),
+            "usual_threads": usual_row["threads"],
+            **e2e["json"],
+            **scaling_json(small, large),
+            "compute_bound_rps": round(bound_rps, 1),
+            "matmul_mflop_per_request": round(flops_per_request / 1e6, 1),
+            "machine_gflops": round(machine_gflops, 1),
+            "throughput_over_compute_bound": round(throughput_over_bound, 3),
+            "seconds": round(time.perf_counter() - t_start, 1),
+            "notes": notes,
+        }
+        line = json.dumps(result)
+        if args.json_out:
+            args.json_out.write_text(line + "\n")
+        print(line, flush=True)
+        return 0
+    finally:
+        stop(redis_proc)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def scaling_json(small: dict | None, large: dict | None) -> dict:
+    if small is None or large is None:
+        return {}
+    big, little = _size(large["items"]), _size(small["items"])
+    return {
+        f"step_time_ratio_{big}_vs_{little}": round(large["steps_ms_total"] / small["steps_ms_total"], 2),
+        f"trie_bytes_per_item_{big}": round(large["bytes_per_item"], 1),
+        f"trie_build_s_{big}": round(large["build_s"], 2),
+        **({f"engine_time_ratio_{big}_vs_{little}": round(large["engine_ms_b32"] / small["engine_ms_b32"], 2)}
+           if "engine_ms_b32" in large else {}),
+    }
+
+
+def _size(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
+
+
+def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, quick: bool, rng, notes: list[str]) -> dict:
+    seconds = 3.0 if quick else 8.0
+    user_ids = seed_users(redis_url, bundle, 500 if quick else 5000, rng)
+    threads = args.service_threads or args.threads
+    batch = args.max_batch_size or 32
+    wait = args.max_wait_ms if args.max_wait_ms is not None else 2.0
+    tuning_rows: list[dict] = []
+
+    def run_service(bs: int, wait_ms: float, threads_: int) -> Service:
+        svc = Service(served, redis_url, work, {"GENREC_MAX_BATCH_SIZE": str(bs), "GENREC_MAX_WAIT_MS": str(wait_ms),
+                                                "GENREC_INTRA_OP_THREADS": str(threads_), "GENREC_MAX_QUEUE_SIZE": "1024"})
+        svc.wait_ready()
+        return svc
+
+    if not quick and (args.max_batch_size is None or args.max_wait_ms is None):
+        # Micro-batcher settings: the peak (closed loop) and p99 at one common open-loop rate.
+        grid = [(bs, w) for bs in (8, 16, 32, 64) for w in (0.0, 2.0, 5.0)]
+        common_rate = None
+        for bs, w in grid:
+            svc = run_service(bs, w, threads)
+            make = request_factory(svc.port, user_ids, seed=bs)
+            peak = measure(svc, make, "closed", 2 * bs, 4.0)
+            if common_rate is None:
+                common_rate = 0.5 * peak["achieved_rps"]  # half the first config's peak
+            low = measure(svc, make, "open", common_rate, 5.0, seed=bs)
+            svc.stop()
+            tuning_rows.append({"max_batch_size": bs, "max_wait_ms": w, "peak_rps": peak["achieved_rps"],
+                                "peak_p99_ms": peak["p99_ms"], "rate": round(common_rate), "p50_ms": low["p50_ms"],
+                                "p99_ms": low["p99_ms"], "mean_batch": low.get("mean_batch")})
+            log(f"  batcher {bs:>3} / {w:g} ms: peak {peak['achieved_rps']:.0f} req/s; at {common_rate:.0f} req/s "
+                f"p99 {low['p99_ms']:.1f} ms")
+        table("Micro-batcher settings (closed loop with 2 x max_batch_size clients for the peak; open loop at a common rate)",
+              tuning_rows)
+        eligible = [r for r in tuning_rows if r["p99_ms"] <= P99_BUDGET_MS] or tuning_rows
+        top = max(r["peak_rps"] for r in eligible)
+        # Among settings within 10% of the best peak, the lowest p99 at the common rate.
+        chosen = min((r for r in eligible if r["peak_rps"] >= 0.9 * top), key=lambda r: r["p99_ms"])
+        batch = args.max_batch_size or chosen["max_batch_size"]
+        wait = args.max_wait_ms if args.max_wait_ms is not None else chosen["max_wait_ms"]
+        log(f"  chosen: max_batch_size {batch}, max_wait_ms {wait:g}")
+        if args.service_threads is None and args.threads > 1:  # engine threads: all cores, or one left to HTTP/Redis
+            thread_rows = []
+            for t in (1, args.threads):
+                svc = run_service(batch, wait, t)
+                make = request_factory(svc.port, user_ids, seed=t)
+                peak = measure(svc, make, "closed", 2 * batch, 4.0)
+                low = measure(svc, make, "open", common_rate, 5.0, seed=t)
+                svc.stop()
+                thread_rows.append({"engine_threads": t, "peak_rps": peak["achieved_rps"], "peak_p99_ms": peak["p99_ms"],
+                                    "rate": round(common_rate), "p50_ms": low["p50_ms"], "p99_ms": low["p99_ms"]})
+            table(f"Service engine threads (GENREC_INTRA_OP_THREADS) at {batch} / {wait:g} ms", thread_rows)
+            threads = max(thread_rows, key=lambda r: r["peak_rps"])["engine_threads"]
+    elif quick:
+        notes.append("quick: no micro-batcher sweep (max_batch_size 32, max_wait_ms 2)")
+
+    svc = run_service(batch, wait, threads)
+    try:
+        make = request_factory(svc.port, user_ids, seed=1)
+        closed_rows = [measure(svc, make, "closed", c, seconds) for c in ((batch, 2 * batch) if quick else (batch, 2 * batch, 4 * batch))]
+        peak_row = max(closed_rows, key=lambda r: r["achieved_rps"])
+        peak = peak_row["achieved_rps"]
+        fractions = (0.3, 0.7, 1.0) if quick else (0.1, 0.2, 0.4, 0.55, 0.7, 0.85, 1.0)
+        open_rows = []
+        for f in fractions:
+            row = measure(svc, make, "open", f * peak, seconds, seed=int(f * 100))
+            row["fraction_of_peak"] = f
+            open_rows.append(row)
+            log(f"  open loop {f:.0%} of peak ({f * peak:.0f} req/s): p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
+        columns = ["mode", "workers", "fraction_of_peak", "offered_rps", "achieved_rps", "p50_ms", "p99_ms", "mean_ms",
+                   "service_ms", "history_ms", "queue_ms", "engine_ms", "response_ms", "mean_batch",
+                   "outside_share_service", "outside_share_client", "non_200", "errors"]
+        table(f"End to end: HTTP + Redis + micro-batcher ({batch} / {wait:g} ms) + engine; user_id requests "
+              "(history read from Redis)", closed_rows + open_rows, columns)
+        within = [r for r in open_rows if r["p99_ms"] <= P99_BUDGET_MS and r["achieved_rps"] >= 0.95 * r["offered_rps"]
+                  and not r["non_200"] and not r["errors"]]
+        max_rps_within = max((r["achieved_rps"] for r in within), default=0.0)
+        at70 = next(r for r in open_rows if r["fraction_of_peak"] == 0.7)
+        locust_users = 48 if quick else 96
+        locust = run_locust(svc.port, served / "items.jsonl", locust_users, 8 if quick else 20, work)
+        table(f"Locust closed loop ({locust_users} users, think time 50-200 ms, deploy/locustfile.py mix)",
+              [{"name": k, **v} for k, v in locust.items()])
+    finally:
+        svc.stop()
+    return {"json": {
+        "e2e_peak_rps": round(peak, 1),
+        "e2e_peak_p99_ms": round(peak_row["p99_ms"], 1),
+        "e2e_p99_ms_at_70pct_peak": round(at70["p99_ms"], 1),
+        "e2e_p50_ms_at_70pct_peak": round(at70["p50_ms"], 1),
+        "e2e_max_rps_with_p99_le_50ms": round(max_rps_within, 1),
+        "outside_engine_share_at_peak": _round(peak_row.get("outside_share_service")),
+        "outside_engine_share_at_peak_client": _round(peak_row.get("outside_share_client")),
+        "outside_engine_share_at_70pct_peak": _round(at70.get("outside_share_service")),
+        "locust_rps": round(locust.get("Aggregated", {}).get("rps", 0.0), 1),
+        "locust_p99_ms": locust.get("Aggregated", {}).get("p99_ms"),
+        "max_batch_size": batch, "max_wait_ms": wait, "service_threads": threads,
+    }}
+
+
+def _round(x):
+    return None if x is None else round(x, 3)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
