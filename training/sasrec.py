@@ -43,7 +43,7 @@ from torch import nn
 from training.cache import cache_root
 from training.data import Dataset, Splits, item_popularity, leave_one_out, load_dataset
 from training.metrics import topk_metrics
-from training.train import distributed_context, sequence_batches
+from training.train import distributed_context, sequence_batches, stop_together
 
 TOPK = 10  # the largest cutoff of training.metrics.CUTOFFS
 
@@ -300,11 +300,7 @@ def train_sasrec(
         stop = bad_epochs >= train_cfg.patience or (
             train_cfg.max_train_seconds is not None and elapsed > train_cfg.max_train_seconds
         )
-        if world > 1:  # every rank stops at the same epoch
-            flag = torch.tensor([int(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
+        if stop_together(stop, world, device):
             break
     if world > 1:  # rank 0's best weights everywhere
         state = [best_state]

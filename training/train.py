@@ -128,6 +128,15 @@ def distributed_context() -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def stop_together(stop: bool, world: int, device: torch.device) -> bool:
+    """Rank 0 decides, so every rank leaves the loop at the same epoch."""
+    if world == 1:
+        return stop
+    flag = torch.tensor([int(stop)], device=device)
+    dist.broadcast(flag, 0)
+    return bool(flag.item())
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 @dataclass
@@ -223,11 +232,7 @@ def train_recommender(
             with curve_path.open("a") as f:
                 f.write(json.dumps(point) + "\n")
         stop = out_of_time or (bad_evals >= train_cfg.patience and epoch >= train_cfg.min_epochs)
-        if world > 1:  # every rank stops at the same epoch
-            flag = torch.tensor([int(stop)], device=device)
-            dist.broadcast(flag, 0)
-            stop = bool(flag.item())
-        if stop:
+        if stop_together(stop, world, device):
             break
     train_seconds = time.perf_counter() - started
     if best_state is not None:
