@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -80,6 +82,7 @@ async def start_serving(
         max_batch_size=settings.max_batch_size,
         max_wait_ms=settings.max_wait_ms,
         max_queue_size=settings.max_queue_size,
+        engine_workers=settings.engine_workers,
         metrics=metrics,
     )
     await batcher.start()
@@ -87,6 +90,9 @@ async def start_serving(
     if not await store.ping():  # a store outage degrades answers, it does not block readiness
         log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
     metrics.set_model(bundle.name, bundle.version)
+    # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
+    # full collections (pauses in the request path) short.
+    gc.freeze()
     return Serving(
         settings=settings,
         bundle=bundle,
@@ -101,13 +107,9 @@ async def start_serving(
 
 
 def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:
-    if settings.engine == "reference":
-        return ReferenceBeamEngine(
-            bundle, providers=settings.onnx_providers, intra_op_threads=settings.intra_op_threads, max_history=max_history
-        )
-    return OnnxBeamEngine(
-        bundle, providers=settings.onnx_providers, intra_op_threads=settings.intra_op_threads, max_history=max_history
-    )
+    threads = settings.intra_op_threads or max(1, (os.cpu_count() or 1) // settings.engine_workers)
+    engine_class = ReferenceBeamEngine if settings.engine == "reference" else OnnxBeamEngine
+    return engine_class(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history)
 
 
 def build_store(settings: Settings, max_history: int) -> HistoryStore:

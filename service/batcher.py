@@ -1,5 +1,7 @@
 """Async micro-batcher: requests queue up (bounded), a batch closes at max_batch_size or max_wait_ms,
-and the engine runs it in a worker thread so the event loop stays free.
+and the engine runs it in a worker thread so the event loop stays free. Up to `engine_workers`
+batches run at once (onnxruntime sessions are thread-safe): while one batch computes, the next one
+starts on a free worker instead of queueing behind it.
 
 Every wait is bounded: a full queue is refused at once (QueueFull -> 429), a request past its
 deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
@@ -116,16 +118,22 @@ class MicroBatcher:
         max_batch_size: int,
         max_wait_ms: float,
         max_queue_size: int,
+        engine_workers: int = 1,
         metrics: ServiceMetrics | None = None,
     ) -> None:
+        if engine_workers < 1:
+            raise ValueError(f"engine_workers must be >= 1, got {engine_workers}")
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_size = max_queue_size
+        self.engine_workers = engine_workers
         self._metrics = metrics
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
-        # One engine thread: batches run one after another while the loop gathers the next one.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genrec-engine")
+        self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine")
+        # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
+        self._free_workers = asyncio.Semaphore(engine_workers)
+        self._running: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
 
@@ -176,8 +184,10 @@ class MicroBatcher:
             except TimeoutError:
                 log.warning("batcher drain timed out after %.1fs with %d queued", timeout_s, self.queue_size)
             self._worker.cancel()
+            for task in list(self._running):  # drain timed out mid-batch: their callers get BatcherClosed
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
+                await asyncio.gather(self._worker, *self._running, return_exceptions=True)
             self._worker = None
         while not self._queue.empty():
             request = self._queue.get_nowait()
@@ -190,10 +200,22 @@ class MicroBatcher:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            first = await self._queue.get()
-            requests = [first]
-            # The window starts when the first request arrived, not when the worker got free.
-            close_at = first.enqueued_at + self.max_wait_s
+            await self._free_workers.acquire()
+            try:
+                requests = await self._gather(loop)
+            except BaseException:
+                self._free_workers.release()
+                raise
+            task = asyncio.create_task(self._run_and_release(requests, loop), name="genrec-batch")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[PendingRequest]:
+        first = await self._queue.get()
+        requests = [first]
+        # The window starts when the first request arrived, not when a worker got free.
+        close_at = first.enqueued_at + self.max_wait_s
+        try:
             while len(requests) < self.max_batch_size:
                 try:
                     requests.append(self._queue.get_nowait())
@@ -208,17 +230,26 @@ class MicroBatcher:
                         requests.append(await self._queue.get())
                 except TimeoutError:
                     break
-            self._observe_queue_size()
-            try:
-                await self._run_batch(Batch.from_requests(requests, loop.time()))
-            except asyncio.CancelledError:  # drain timed out mid-batch: answer its callers now
-                Batch(requests).fail(BatcherClosed())
-                raise
-            except Exception:  # keep serving; the batch's futures were failed in _run_batch
-                log.exception("micro-batch failed")
-            finally:
-                for _ in requests:
-                    self._queue.task_done()
+        except asyncio.CancelledError:  # shutdown while gathering: these are off the queue already
+            Batch(requests).fail(BatcherClosed())
+            for _ in requests:
+                self._queue.task_done()
+            raise
+        self._observe_queue_size()
+        return requests
+
+    async def _run_and_release(self, requests: list[PendingRequest], loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await self._run_batch(Batch.from_requests(requests, loop.time()))
+        except asyncio.CancelledError:
+            Batch(requests).fail(BatcherClosed())
+            raise
+        except Exception:  # keep serving; the batch's futures were failed in _run_batch
+            log.exception("micro-batch failed")
+        finally:
+            self._free_workers.release()
+            for _ in requests:
+                self._queue.task_done()
 
     async def _run_batch(self, batch: Batch) -> None:
         if not batch:

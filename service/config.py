@@ -29,9 +29,10 @@ class Settings(BaseSettings):
     # History items fed to the model; unset -> the bundle's max_history (never more than it).
     max_history: int | None = Field(None, ge=1)
     # A micro-batch closes when it has this many requests...
-    max_batch_size: int = Field(32, ge=1)
-    # ...or when its first request has waited this long.
-    max_wait_ms: float = Field(2.0, ge=0)
+    max_batch_size: int = Field(4, ge=1)
+    # ...or when its first request has waited this long. Defaults measured on 2 CPU cores
+    # (`make bench-serving`); a GPU wants far larger batches.
+    max_wait_ms: float = Field(0.0, ge=0)
     # Requests waiting for the engine beyond this many -> 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline per request from arrival; past it -> 503.
@@ -40,8 +41,13 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(64 * 1024, ge=256)
     # "auto" (CUDA if onnxruntime has it, else CPU) or a comma list such as "cpu" or "cuda,cpu".
     onnx_providers: str = "auto"
-    # onnxruntime intra-op threads; 0 -> onnxruntime's default (all cores).
+    # Micro-batches computed at once, one engine thread each; the next batch starts while one runs.
+    engine_workers: int = Field(2, ge=1)
+    # onnxruntime intra-op threads per batch; 0 -> the cores divided among the engine workers.
     intra_op_threads: int = Field(0, ge=0)
+    # One log line per HTTP request; off by default because /metrics already counts requests and
+    # formatting the line costs CPU the engine needs on small machines.
+    access_log: bool = False
     # "graph": the exported one-call beam search; "reference": the plain numpy twin (slow, for checks).
     engine: Literal["graph", "reference"] = "graph"
     # Seconds the batcher may take to finish queued work on shutdown.

@@ -129,6 +129,8 @@ class RedisHistoryStore:
             return {}
 
         async def read() -> list[list[str]]:
+            if len(unique) == 1:  # one command: a pipeline's bookkeeping costs more than it saves
+                return [await self._client.lrange(self.key(unique[0]), 0, self.max_items - 1)]
             async with self._client.pipeline(transaction=False) as pipe:
                 for user_id in unique:
                     pipe.lrange(self.key(user_id), 0, self.max_items - 1)

@@ -137,6 +137,17 @@ def stop_together(stop: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
+def plan_epochs(train_cfg: TrainConfig, first_epoch_s: float, world: int, device: torch.device) -> int:
+    """Epochs that fit the time budget at the first epoch's pace (its validation included), so the
+    learning rate finishes its decay inside the budget instead of being cut off at a high value.
+    Rank 0's plan is every rank's: the schedules must match for the replicas to stay in sync."""
+    fits = int(train_cfg.max_train_seconds / max(first_epoch_s, 1e-6))
+    plan = torch.tensor([max(1, min(train_cfg.epochs, fits))], device=device)
+    if world > 1:
+        dist.broadcast(plan, 0)
+    return int(plan.item())
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 @dataclass
@@ -179,11 +190,12 @@ def train_recommender(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(sequences) / train_cfg.batch_size)
-    total_steps = steps_per_epoch * train_cfg.epochs
+    planned_epochs = train_cfg.epochs  # a time budget shortens the plan after the first epoch
 
-    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 %
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 % at the end of the plan
         if step < train_cfg.warmup_steps:
             return (step + 1) / train_cfg.warmup_steps
+        total_steps = steps_per_epoch * planned_epochs
         progress_ = (step - train_cfg.warmup_steps) / max(1, total_steps - train_cfg.warmup_steps)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
 
@@ -195,6 +207,10 @@ def train_recommender(
     step = 0
     epoch = 0
     for epoch in range(1, train_cfg.epochs + 1):
+        if epoch == 2 and train_cfg.max_train_seconds is not None:
+            planned_epochs = plan_epochs(train_cfg, time.perf_counter() - started, world, device)
+        if epoch > planned_epochs:
+            break
         model.train()
         batches = sequence_batches(sequences, train_cfg.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
@@ -231,7 +247,7 @@ def train_recommender(
         if curve_path is not None and rank == 0:
             with curve_path.open("a") as f:
                 f.write(json.dumps(point) + "\n")
-        stop = out_of_time or (bad_evals >= train_cfg.patience and epoch >= train_cfg.min_epochs)
+        stop = out_of_time or epoch >= planned_epochs or (bad_evals >= train_cfg.patience and epoch >= train_cfg.min_epochs)
         if stop_together(stop, world, device):
             break
     train_seconds = time.perf_counter() - started

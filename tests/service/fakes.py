@@ -21,8 +21,21 @@ class FakeEngine:
         self.release = threading.Event()  # cleared -> search blocks until set
         self.release.set()
         self.entered = threading.Event()
+        self._lock = threading.Lock()
+        self.in_flight = 0  # searches running now
+        self.max_in_flight = 0
 
     def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        with self._lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return self._answer(histories)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+    def _answer(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         self.entered.set()
         self.release.wait(timeout=30)
         if self.delay_s:

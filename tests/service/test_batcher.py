@@ -190,3 +190,32 @@ def test_metrics_record_batches_and_rejections() -> None:
         assert registry.get_sample_value("genrec_rejections_total", {"reason": "draining"}) == 1
 
     asyncio.run(main())
+
+
+def test_engine_workers_run_batches_side_by_side_and_each_takes_what_queued_meanwhile() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        engine.release.clear()
+        batcher = make_batcher(engine, max_batch_size=2, max_wait_ms=0, engine_workers=2)
+        await batcher.start()
+        first = []
+        for i in range(2):  # one request per batch until both workers are busy
+            first.append(asyncio.create_task(batcher.submit(np.array([i]), deadline_in(10))))
+            while engine.in_flight < i + 1:
+                await asyncio.sleep(0.005)
+        queued = [asyncio.create_task(batcher.submit(np.array([i]), deadline_in(10))) for i in range(2, 6)]
+        await asyncio.sleep(0.05)
+        assert engine.in_flight == 2 and batcher.queue_size == 4  # nobody starts a third batch
+        engine.release.set()
+        results = await asyncio.gather(*first, *queued)
+        assert [r.item_indices[0] for r in results] == [i * 100 for i in range(6)]
+        assert engine.max_in_flight == 2
+        assert sorted(engine.batch_sizes) == [1, 1, 2, 2]  # the four queued ones went out in full batches
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_engine_workers_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="engine_workers"):
+        make_batcher(FakeEngine(), engine_workers=0)
