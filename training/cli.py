@@ -11,12 +11,8 @@ MODELS_DIR = REPO_ROOT / "models"
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    from training.configs import get_config
+    from training.configs import BEST_CONFIG, apply_overrides, get_config
     from training.pipeline import run_pipeline
-
-    from training.configs import apply_overrides
-
-    from training.configs import BEST_CONFIG
 
     name = args.config or BEST_CONFIG.get(args.dataset or "", "")
     if not name:
@@ -67,6 +63,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    """Rebuilds a bundle's graphs from its weights with the current code (no retraining)."""
+    from training.export import reexport_graphs
+
+    reexport_graphs(args.bundle)
+    print(f"[genrec] graphs rebuilt in {args.bundle}")
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from service.__main__ import main as serve_main
 
@@ -104,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--providers", default="auto")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="rebuild a bundle's ONNX graphs from its recommender.safetensors, in place")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="run the service (same as python -m service)")
     p.set_defaults(func=_serve)

@@ -186,6 +186,19 @@ def load_recommender(bundle_dir: Path) -> GenerativeRecommender:
     return model.eval()
 
 
+def reexport_graphs(bundle_dir: Path) -> None:
+    """Rebuilds a bundle's ONNX graphs in place from its recommender.safetensors with the current
+    training/beam.py (a graph layout change needs no retraining), then rewrites the manifest's digests."""
+    bundle_dir = Path(bundle_dir)
+    if not (bundle_dir / "recommender.safetensors").is_file():
+        raise FileNotFoundError(f"{bundle_dir} has no recommender.safetensors: its graphs cannot be rebuilt")
+    bundle = load_bundle(bundle_dir, verify_checksums=False)
+    export_graphs(load_recommender(bundle_dir), bundle.semantic_ids.astype(np.int64), bundle.beam_size, bundle_dir)
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    manifest["files"] = file_digests(bundle_dir, manifest["files"])
+    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
 def build_demo_bundle(out_dir: Path, seed: int = 0, n_users: int = 300, n_items: int = 60) -> Path:
     """A complete bundle from a tiny synthetic catalog in seconds: for tests and examples."""
     from training.configs import get_config
