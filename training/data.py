@@ -211,49 +211,54 @@ def read_genrec_folder(folder: str | Path, name: str | None = None) -> Dataset:
     return Dataset(name or folder.name, [r[1] for r in rows], titles, texts, user_ids, sequences)
 
 
-def read_beauty(folder: str | Path = DATA_ROOT / "beauty") -> Dataset:
-    """Amazon Beauty 2014 5-core: items {item_id 1.., title, attributes}, sequential_data.txt."""
-    folder = Path(folder)
-    items_path = folder / "items.jsonl.gz"
+def _read_numbered_items(items_path: Path, describe) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+    """Items with integer ids; describe(items_path, lineno, obj) -> (title, text).
+    Returns item ids, titles, texts and the id -> index map."""
     rows: list[tuple[int, str]] = []
     titles: list[str] = []
     texts: list[str] = []
     for lineno, obj in _iter_json(items_path):
         item_id = _item_id_field(items_path, lineno, obj, integer_only=True)
-        title = (_str_field(items_path, lineno, obj, "title", required=True) or "").strip()
-        attrs = obj.get("attributes", [])
-        if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
-            raise DatasetFormatError(items_path, lineno, "field 'attributes' must be a list of strings")
-        attr_text = ", ".join(a.strip() for a in attrs if a.strip())
-        if not title and not attr_text:
-            raise DatasetFormatError(items_path, lineno, "item has neither title nor attributes")
-        # 7 items have no title: show and embed their attributes instead.
-        titles.append(title or attr_text)
-        texts.append(f"{title}. {attr_text}" if title and attr_text else (title or attr_text))
+        title, text = describe(items_path, lineno, obj)
+        titles.append(title)
+        texts.append(text)
         rows.append((lineno, item_id))
-    index_of = _index_items(items_path, rows)
+    return [r[1] for r in rows], titles, texts, _index_items(items_path, rows)
+
+
+def _describe_beauty_item(items_path: Path, lineno: int, obj: dict) -> tuple[str, str]:
+    title = (_str_field(items_path, lineno, obj, "title", required=True) or "").strip()
+    attrs = obj.get("attributes", [])
+    if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
+        raise DatasetFormatError(items_path, lineno, "field 'attributes' must be a list of strings")
+    attr_text = ", ".join(a.strip() for a in attrs if a.strip())
+    if not title and not attr_text:
+        raise DatasetFormatError(items_path, lineno, "item has neither title nor attributes")
+    # 7 items have no title: show and embed their attributes instead.
+    return title or attr_text, f"{title}. {attr_text}" if title and attr_text else (title or attr_text)
+
+
+def _describe_scientific_item(items_path: Path, lineno: int, obj: dict) -> tuple[str, str]:
+    text = (_str_field(items_path, lineno, obj, "text", required=True) or "").strip()
+    if not text:
+        raise DatasetFormatError(items_path, lineno, "empty 'text'")
+    return text.split(". ", 1)[0], text  # the title is the text's first sentence
+
+
+def read_beauty(folder: str | Path = DATA_ROOT / "beauty") -> Dataset:
+    """Amazon Beauty 2014 5-core: items {item_id 1.., title, attributes}, sequential_data.txt."""
+    folder = Path(folder)
+    item_ids, titles, texts, index_of = _read_numbered_items(folder / "items.jsonl.gz", _describe_beauty_item)
     user_ids, sequences = _read_sequences(folder / "sequential_data.txt", index_of, integer_ids=True)
-    return Dataset("beauty", [r[1] for r in rows], titles, texts, user_ids, sequences)
+    return Dataset("beauty", item_ids, titles, texts, user_ids, sequences)
 
 
 def read_scientific(folder: str | Path = DATA_ROOT / "scientific") -> Dataset:
     """UniSRec Scientific: items {item_id 0.., asin, text="Title. Categories. Brand."}, sequences.txt."""
     folder = Path(folder)
-    items_path = folder / "items.jsonl.gz"
-    rows: list[tuple[int, str]] = []
-    titles: list[str] = []
-    texts: list[str] = []
-    for lineno, obj in _iter_json(items_path):
-        item_id = _item_id_field(items_path, lineno, obj, integer_only=True)
-        text = (_str_field(items_path, lineno, obj, "text", required=True) or "").strip()
-        if not text:
-            raise DatasetFormatError(items_path, lineno, "empty 'text'")
-        titles.append(text.split(". ", 1)[0])  # the title is the text's first sentence
-        texts.append(text)
-        rows.append((lineno, item_id))
-    index_of = _index_items(items_path, rows)
+    item_ids, titles, texts, index_of = _read_numbered_items(folder / "items.jsonl.gz", _describe_scientific_item)
     user_ids, sequences = _read_sequences(folder / "sequences.txt", index_of, integer_ids=True)
-    return Dataset("scientific", [r[1] for r in rows], titles, texts, user_ids, sequences)
+    return Dataset("scientific", item_ids, titles, texts, user_ids, sequences)
 
 
 def load_dataset(name_or_path: str | Path) -> Dataset:

@@ -26,7 +26,6 @@ embeddings (LETTER, ETEGRec). Runs unchanged under torchrun (DDP; rank 0 evaluat
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import sys
@@ -43,7 +42,7 @@ from torch import nn
 from training.cache import cache_root
 from training.data import Dataset, Splits, item_popularity, leave_one_out, load_dataset
 from training.metrics import topk_metrics
-from training.train import distributed_context, sequence_batches, stop_together
+from training.train import BestOnValidation, distributed_context, sequence_batches, stop_together
 
 TOPK = 10  # the largest cutoff of training.metrics.CUTOFFS
 
@@ -262,8 +261,7 @@ def train_sasrec(
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
     use_bf16 = train_cfg.bf16 and (device.type == "cuda" or torch.backends.mkldnn.is_available())
 
-    best: dict[str, float] = {"ndcg@10": -1.0}
-    best_state, best_epoch, bad_epochs, curve = None, 0, 0, []
+    best, curve = BestOnValidation(), []
     started, train_only = time.perf_counter(), 0.0
     epoch = 0
     for epoch in range(1, train_cfg.epochs + 1):
@@ -289,30 +287,21 @@ def train_sasrec(
         if rank == 0:
             valid = evaluate(model, splits.valid_histories, splits.valid_targets, device=str(device))
             point.update({f"valid_{k}": round(v, 5) for k, v in valid.items()})
-            if valid["ndcg@10"] > best["ndcg@10"]:
-                best, best_epoch, bad_epochs = valid, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_epochs += 1
+            best.update(model, valid, epoch)
             if progress:
                 print(json.dumps(point), flush=True)
         curve.append(point)
-        stop = bad_epochs >= train_cfg.patience or (
+        stop = best.evals_since >= train_cfg.patience or (
             train_cfg.max_train_seconds is not None and elapsed > train_cfg.max_train_seconds
         )
         if stop_together(stop, world, device):
             break
-    if world > 1:  # rank 0's best weights everywhere
-        state = [best_state]
-        dist.broadcast_object_list(state, 0)
-        best_state = state[0]
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model, world)
     model.eval()
     return SASRecResult(
         model=model,
-        best_valid=best,
-        best_epoch=best_epoch,
+        best_valid=best.metrics,
+        best_epoch=best.epoch,
         epochs_run=epoch,
         train_seconds=time.perf_counter() - started,
         seconds_per_epoch=train_only / max(1, epoch),

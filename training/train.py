@@ -148,6 +148,31 @@ def plan_epochs(train_cfg: TrainConfig, first_epoch_s: float, world: int, device
     return int(plan.item())
 
 
+class BestOnValidation:
+    """The weights with the best validation NDCG@10 so far, and evaluations since it improved.
+    Only rank 0 evaluates; restore() hands its best weights to every rank."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {"ndcg@10": -1.0}
+        self.epoch = -1
+        self.evals_since = 0
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: torch.nn.Module, valid: dict[str, float], epoch: int) -> None:
+        if valid["ndcg@10"] > self.metrics["ndcg@10"]:
+            self.metrics, self.epoch, self.evals_since = valid, epoch, 0
+            self._state = copy.deepcopy(model.state_dict())
+        else:
+            self.evals_since += 1
+
+    def restore(self, model: torch.nn.Module, world: int) -> None:
+        state = [self._state]
+        if world > 1:
+            dist.broadcast_object_list(state, 0)
+        if state[0] is not None:
+            model.load_state_dict(state[0])
+
+
 # ---- the loop --------------------------------------------------------------------------------
 
 @dataclass
@@ -201,8 +226,7 @@ def train_recommender(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
     use_bf16 = train_cfg.bf16 and (device.type == "cuda" or torch.backends.mkldnn.is_available())
-    best = {"ndcg@10": -1.0}
-    best_state, best_epoch, bad_evals, curve = None, -1, 0, []
+    best, curve = BestOnValidation(), []
     samples, started = 0, time.perf_counter()
     step = 0
     epoch = 0
@@ -236,28 +260,23 @@ def train_recommender(
         if rank == 0 and (epoch % train_cfg.eval_every == 0 or epoch == train_cfg.epochs or out_of_time):
             valid = evaluate(model, eval_histories, eval_targets, semantic_ids, train_cfg.beam_size, device=str(device))
             point.update({f"valid_{k}": v for k, v in valid.items()})
-            if valid["ndcg@10"] > best["ndcg@10"]:
-                best, best_epoch, bad_evals = valid, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                bad_evals += 1
+            best.update(model, valid, epoch)
             if progress:
                 print(json.dumps(point), flush=True)
         curve.append(point)
         if curve_path is not None and rank == 0:
             with curve_path.open("a") as f:
                 f.write(json.dumps(point) + "\n")
-        stop = out_of_time or epoch >= planned_epochs or (bad_evals >= train_cfg.patience and epoch >= train_cfg.min_epochs)
+        stop = out_of_time or epoch >= planned_epochs or (best.evals_since >= train_cfg.patience and epoch >= train_cfg.min_epochs)
         if stop_together(stop, world, device):
             break
     train_seconds = time.perf_counter() - started
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best.restore(model, world)
     model.eval()
     return TrainResult(
         model=model,
-        best_valid=best,
-        best_epoch=best_epoch,
+        best_valid=best.metrics,
+        best_epoch=best.epoch,
         epochs_run=epoch,
         train_seconds=train_seconds,
         samples_per_second=samples / max(train_seconds, 1e-9),
