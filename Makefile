@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 DATASET ?= beauty
 SEED ?= 0
 
-.PHONY: install system-deps run test bench-quality train-beauty train-scientific eval clean
+.PHONY: install system-deps run test bench-quality bench-quality-seeds train-beauty train-scientific eval clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP) system-deps
 # Without CONFIG it runs the best configuration for DATASET (training/configs.py BEST_CONFIG).
 bench-quality: $(STAMP)
 	$(BIN)/genrec pipeline --dataset $(DATASET) $(if $(CONFIG),--config $(CONFIG),) --seed $(SEED)
+
+# The best configuration for DATASET over seeds 0, 1, 2 side by side (cores split): mean and spread.
+bench-quality-seeds: $(STAMP)
+	$(BIN)/genrec seeds --dataset $(DATASET) $(if $(CONFIG),--config $(CONFIG),)
 
 # The full TIGER-style model on Beauty / Scientific; prints the validation and test table.
 train-beauty: $(STAMP)

@@ -23,6 +23,27 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(args: argparse.Namespace) -> int:
+    """The mean and spread of one configuration over several seeds."""
+    from training.configs import BEST_CONFIG
+    from training.seeds import log_path, markdown_row, read_summary, run_seeds, summarize
+
+    name = args.config or BEST_CONFIG.get(args.dataset or "", "")
+    if not name:
+        raise SystemExit(f"no --config given and no best configuration known for dataset {args.dataset!r}")
+    log_dir = REPO_ROOT / "runs" / "logs"
+    if not args.summarize_only:
+        extra = (["--dataset", args.dataset] if args.config and args.dataset else []) + (["--set", *args.set] if args.set else [])
+        run_seeds(name, args.seeds, log_dir, extra, parallel=not args.one_at_a_time)
+    summary = summarize([read_summary(log_path(log_dir, name, seed)) for seed in args.seeds])
+    row = markdown_row(summary)
+    with (REPO_ROOT / "runs" / "results.md").open("a") as f:
+        f.write(row + "\n")
+    print(row)
+    print(json.dumps(summary))
+    return 0
+
+
 def _demo_bundle(args: argparse.Namespace) -> int:
     """Builds the `make run` bundle unless one is there already."""
     existing = sorted(Path(args.models_dir).glob("*/*/manifest.json"))
@@ -97,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
                    help="override config fields, e.g. train.device=cuda model.d_model=256 tokenizer=rqkmeans")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("seeds", help="one configuration over several seeds: mean and spread (JSON line + markdown row)")
+    p.add_argument("--config", default=None, help="default: the best configuration for --dataset")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--one-at-a-time", action="store_true", help="run the seeds in turn (default: side by side, cores split)")
+    p.add_argument("--summarize-only", action="store_true", help="summarize the logs in runs/logs/ without training")
+    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="config overrides passed to every seed")
+    p.set_defaults(func=_seeds)
 
     p = sub.add_parser("demo-bundle", help="build the small Beauty bundle `make run` serves, if models/ has none")
     p.add_argument("--models-dir", default=str(MODELS_DIR))
