@@ -137,12 +137,14 @@ def stop_together(stop: bool, world: int, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def plan_epochs(train_cfg: TrainConfig, first_epoch_s: float, world: int, device: torch.device) -> int:
-    """Epochs that fit the time budget at the first epoch's pace (its validation included), so the
-    learning rate finishes its decay inside the budget instead of being cut off at a high value.
-    Rank 0's plan is every rank's: the schedules must match for the replicas to stay in sync."""
-    fits = int(train_cfg.max_train_seconds / max(first_epoch_s, 1e-6))
-    plan = torch.tensor([max(1, min(train_cfg.epochs, fits))], device=device)
+def plan_epochs(train_cfg: TrainConfig, elapsed_s: float, epochs_done: int, world: int, device: torch.device) -> int:
+    """Epochs that fit the time budget at the pace so far (validation included), so the learning
+    rate finishes its decay inside the budget instead of being cut off at a high value. Re-planned
+    every epoch, so a machine that gets busier shortens the plan. Rank 0's plan is every rank's:
+    the schedules must match for the replicas to stay in sync."""
+    per_epoch = max(elapsed_s, 1e-6) / max(1, epochs_done)
+    fits = epochs_done + int(max(0.0, train_cfg.max_train_seconds - elapsed_s) / per_epoch)
+    plan = torch.tensor([max(epochs_done, 1, min(train_cfg.epochs, fits))], device=device)
     if world > 1:
         dist.broadcast(plan, 0)
     return int(plan.item())
@@ -231,8 +233,8 @@ def train_recommender(
     step = 0
     epoch = 0
     for epoch in range(1, train_cfg.epochs + 1):
-        if epoch == 2 and train_cfg.max_train_seconds is not None:
-            planned_epochs = plan_epochs(train_cfg, time.perf_counter() - started, world, device)
+        if epoch >= 2 and train_cfg.max_train_seconds is not None:
+            planned_epochs = plan_epochs(train_cfg, time.perf_counter() - started, epoch - 1, world, device)
         if epoch > planned_epochs:
             break
         model.train()
