@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -112,17 +110,6 @@ class Batch:
                 request.future.set_exception(error)
 
 
-def _lower_priority(nice: int) -> None:
-    """Runs in each engine thread: a positive nice lets the event loop (HTTP, Redis, batching) and
-    other latency-bound work take a busy core first; the engine, which is throughput work, waits."""
-    if nice > 0 and hasattr(os, "setpriority"):
-        try:
-            thread = threading.get_native_id()  # Linux applies PRIO_PROCESS to one thread id
-            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
-        except OSError as error:
-            log.warning("could not lower the engine threads' priority: %s", error)
-
-
 class MicroBatcher:
     def __init__(
         self,
@@ -132,7 +119,6 @@ class MicroBatcher:
         max_wait_ms: float,
         max_queue_size: int,
         engine_workers: int = 1,
-        engine_nice: int = 0,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -144,9 +130,7 @@ class MicroBatcher:
         self.engine_workers = engine_workers
         self._metrics = metrics
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
-        self._executor = ThreadPoolExecutor(
-            max_workers=engine_workers, thread_name_prefix="genrec-engine", initializer=_lower_priority, initargs=(engine_nice,)
-        )
+        self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine")
         # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
         self._free_workers = asyncio.Semaphore(engine_workers)
         self._running: set[asyncio.Task[None]] = set()

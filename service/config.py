@@ -43,9 +43,6 @@ class Settings(BaseSettings):
     onnx_providers: str = "auto"
     # Micro-batches computed at once, one engine thread each; the next batch starts while one runs.
     engine_workers: int = Field(2, ge=1)
-    # Nice value added to the engine threads, so that on a busy machine HTTP, Redis and batching
-    # (short, latency-bound) get a core before the engine (long, throughput-bound); 0 leaves it.
-    engine_nice: int = Field(5, ge=0, le=19)
     # onnxruntime intra-op threads per batch; 0 -> the cores divided among the engine workers.
     intra_op_threads: int = Field(0, ge=0)
     # One log line per HTTP request; off by default because /metrics already counts requests and

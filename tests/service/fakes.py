@@ -1,7 +1,6 @@
 """A controllable stand-in for a beam engine, for batcher tests."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -37,7 +36,6 @@ class FakeEngine:
                 self.in_flight -= 1
 
     def _answer(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        self.thread_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         self.entered.set()
         self.release.wait(timeout=30)
         if self.delay_s:

@@ -1,8 +1,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import threading
 import time
 
 import numpy as np
@@ -221,16 +219,3 @@ def test_engine_workers_run_batches_side_by_side_and_each_takes_what_queued_mean
 def test_engine_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="engine_workers"):
         make_batcher(FakeEngine(), engine_workers=0)
-
-
-def test_engine_threads_run_at_a_lower_priority_than_the_event_loop() -> None:
-    async def main() -> None:
-        engine = FakeEngine()
-        batcher = make_batcher(engine, engine_nice=3)
-        await batcher.start()
-        await batcher.submit(np.array([1]), deadline_in(5))
-        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        assert engine.thread_nice == min(19, loop_nice + 3)
-        await batcher.close(1.0)
-
-    asyncio.run(main())
