@@ -691,7 +691,13 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         within = [r for r in open_rows if r["p99_ms"] <= P99_BUDGET_MS and r["achieved_rps"] >= 0.95 * r["offered_rps"]
                   and not r["non_200"] and not r["errors"]]
         max_rps_within = max((r["achieved_rps"] for r in within), default=0.0)
-        at70 = next(r for r in open_rows if r["fraction_of_peak"] == 0.7)
+        # p99 over one window of a few thousand requests swings with every hiccup of a shared
+        # machine: 70% of peak is measured twice more and the median of the three windows reported.
+        at70_rows = [next(r for r in open_rows if r["fraction_of_peak"] == 0.7)]
+        if not quick:
+            at70_rows += [measure(svc, make, "open", 0.7 * peak, seconds, seed=700 + i) for i in range(2)]
+        at70 = sorted(at70_rows, key=lambda r: r["p99_ms"])[len(at70_rows) // 2]
+        log("  p99 at 70% of peak, by window: " + ", ".join(f"{r['p99_ms']:.1f} ms" for r in at70_rows))
         locust_users = 48 if quick else 96
         locust = run_locust(svc.port, served / "items.jsonl", locust_users, 8 if quick else 20, work)
         table(f"Locust closed loop ({locust_users} users, think time 50-200 ms, deploy/locustfile.py mix)",
@@ -702,6 +708,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         "e2e_peak_rps": round(peak, 1),
         "e2e_peak_p99_ms": round(peak_row["p99_ms"], 1),
         "e2e_p99_ms_at_70pct_peak": round(at70["p99_ms"], 1),
+        "e2e_p99_ms_at_70pct_peak_windows": [round(r["p99_ms"], 1) for r in at70_rows],
         "e2e_p50_ms_at_70pct_peak": round(at70["p50_ms"], 1),
         "e2e_max_rps_with_p99_le_50ms": round(max_rps_within, 1),
         "outside_engine_share_at_peak": _round(peak_row.get("outside_share_service")),
