@@ -21,14 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from training.data import leave_one_out, load_dataset  # noqa: E402
 from training.embeddings import embed_items, get_text_encoder  # noqa: E402
-from training.model import GenerativeRecommender, Seq2SeqConfig  # noqa: E402
+from training.model import NEG, GenerativeRecommender, Seq2SeqConfig  # noqa: E402
 from training.pipeline import fit_semantic_ids  # noqa: E402
 from training.tokenizers.base import assign_semantic_ids  # noqa: E402
 from training.train import collate_sequences, pad_histories, sequence_batches  # noqa: E402
@@ -41,12 +40,9 @@ def pair_loss(model: GenerativeRecommender, history_codes: torch.Tensor, history
               target_codes: torch.Tensor) -> torch.Tensor:
     """One (history, next item) pair per row: encode the history, decode the target's codes."""
     memory = model.encode(history_codes, history_mask)
-    cross_bias = torch.zeros(history_mask.shape).masked_fill(~history_mask, -1e9)[:, None, None, :]
+    cross_bias = torch.zeros(history_mask.shape).masked_fill(~history_mask, NEG)[:, None, None, :]
     hidden = model.decode(target_codes[:, :-1], model.cross_keys_values(memory), cross_bias, groups=1)
-    loss = hidden.new_zeros((), dtype=torch.float32)
-    for level in range(model.cfg.levels):
-        loss = loss + F.cross_entropy(model.heads[level](hidden[:, level]).float(), target_codes[:, level])
-    return loss
+    return model.codes_loss(hidden, target_codes)
 
 
 class Variant:

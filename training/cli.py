@@ -10,13 +10,21 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "models"
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    from training.configs import BEST_CONFIG, apply_overrides, get_config
-    from training.pipeline import run_pipeline
+def _config_name(args: argparse.Namespace) -> str:
+    """--config, else the best configuration for --dataset."""
+    from training.configs import BEST_CONFIG
 
     name = args.config or BEST_CONFIG.get(args.dataset or "", "")
     if not name:
         raise SystemExit(f"no --config given and no best configuration known for dataset {args.dataset!r}")
+    return name
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from training.configs import apply_overrides, get_config
+    from training.pipeline import run_pipeline
+
+    name = _config_name(args)
     cfg = apply_overrides(get_config(name, None if args.config is None else args.dataset), args.set or [])
     summary = run_pipeline(cfg, seed=args.seed, models_dir=Path(args.models_dir))
     print(json.dumps(summary))
@@ -25,12 +33,9 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _seeds(args: argparse.Namespace) -> int:
     """The mean and spread of one configuration over several seeds."""
-    from training.configs import BEST_CONFIG
     from training.seeds import log_path, markdown_row, read_summary, run_seeds, summarize
 
-    name = args.config or BEST_CONFIG.get(args.dataset or "", "")
-    if not name:
-        raise SystemExit(f"no --config given and no best configuration known for dataset {args.dataset!r}")
+    name = _config_name(args)
     log_dir = REPO_ROOT / "runs" / "logs"
     if not args.summarize_only:
         extra = (["--dataset", args.dataset] if args.config and args.dataset else []) + (["--set", *args.set] if args.set else [])

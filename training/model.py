@@ -242,8 +242,12 @@ class GenerativeRecommender(nn.Module):
         cross_bias = torch.zeros(key_ok.shape, device=memory.device).masked_fill(~key_ok, NEG)[:, None, None, :]
         target_codes = targets[batch_idx, pos_idx]  # (M, L)
         hidden = self.decode(target_codes[:, :-1], cross_kv, cross_bias, groups=1)  # (M, L, D)
+        return self.codes_loss(hidden, target_codes), int(batch_idx.numel())
+
+    def codes_loss(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
+        """hidden (M, L, D) decoder states, target_codes (M, L) -> mean cross-entropy summed over levels."""
         loss = hidden.new_zeros((), dtype=torch.float32)
         for lvl in range(self.cfg.levels):
             logits = self.heads[lvl](hidden[:, lvl]).float()
             loss = loss + F.cross_entropy(logits, target_codes[:, lvl])
-        return loss, int(batch_idx.numel())
+        return loss

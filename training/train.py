@@ -217,7 +217,7 @@ def train_recommender(
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(sequences) / train_cfg.batch_size)
-    planned_epochs = train_cfg.epochs  # a time budget shortens the plan after the first epoch
+    planned_epochs = train_cfg.epochs  # a time budget shortens the plan after each epoch
 
     def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 5 % at the end of the plan
         if step < train_cfg.warmup_steps:
@@ -233,10 +233,6 @@ def train_recommender(
     step = 0
     epoch = 0
     for epoch in range(1, train_cfg.epochs + 1):
-        if epoch >= 2 and train_cfg.max_train_seconds is not None:
-            planned_epochs = plan_epochs(train_cfg, time.perf_counter() - started, epoch - 1, world, device)
-        if epoch > planned_epochs:
-            break
         model.train()
         batches = sequence_batches(sequences, train_cfg.batch_size, rng)
         bar = tqdm(batches, desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
@@ -269,6 +265,8 @@ def train_recommender(
         if curve_path is not None and rank == 0:
             with curve_path.open("a") as f:
                 f.write(json.dumps(point) + "\n")
+        if train_cfg.max_train_seconds is not None:  # validation time counts toward the pace
+            planned_epochs = plan_epochs(train_cfg, time.perf_counter() - started, epoch, world, device)
         stop = out_of_time or epoch >= planned_epochs or (best.evals_since >= train_cfg.patience and epoch >= train_cfg.min_epochs)
         if stop_together(stop, world, device):
             break
