@@ -152,7 +152,7 @@ def plan_epochs(train_cfg: TrainConfig, elapsed_s: float, epochs_done: int, worl
 
 def bf16_autocast_is_fast(device: torch.device) -> bool:
     """bf16 autocast pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX); on an
-    AVX2-only CPU oneDNN emulates it and a training step is ~20x slower than fp32 (measured)."""
+    AVX2-only CPU oneDNN emulates it: a main-config step took 20 s against 0.43 s in fp32 (~45x)."""
     if device.type == "cuda":
         return True
     try:
