@@ -46,6 +46,17 @@ CONFIGS: dict[str, PipelineConfig] = {
         name="beauty-rqkmeans", dataset="beauty", tokenizer="rqkmeans",
         train=TrainConfig(max_train_seconds=4200, eval_users=2000),
     ),
+    # RQ-KMeans on SASRec's item embeddings (trained first on the same split when not cached):
+    # codes that follow co-purchase structure instead of text similarity.
+    "beauty-rqkmeans-cf": PipelineConfig(
+        name="beauty-rqkmeans-cf", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
+        train=TrainConfig(max_train_seconds=4200, eval_users=2000),
+    ),
+    # RQ-KMeans on [text ; SASRec] embeddings, each L2-normalised: both kinds of neighbours.
+    "beauty-rqkmeans-text-cf": PipelineConfig(
+        name="beauty-rqkmeans-text-cf", dataset="beauty", tokenizer="rqkmeans", item_features="text+collaborative",
+        train=TrainConfig(max_train_seconds=4200, eval_users=2000),
+    ),
     # The recommender on the LETTER codes published with the dataset (data/beauty/semantic_ids).
     "beauty-letter-codes": PipelineConfig(
         name="beauty-letter-codes", dataset="beauty", tokenizer="precomputed",

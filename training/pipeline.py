@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 from training.cache import cache_path
 from training.data import item_popularity, leave_one_out, load_dataset
 from training.embeddings import embed_items, get_text_encoder
+from training.item_features import item_features
 from training.export import check_bundle, write_bundle
 from training.model import Seq2SeqConfig
 from training.tokenizers import assign_semantic_ids, get_tokenizer
@@ -31,6 +32,8 @@ class PipelineConfig:
     dataset: str  # "beauty", "scientific" or a folder in the genrec format
     text_encoder: str = "all-MiniLM-L6-v2"
     tokenizer: str = "rqvae"
+    item_features: str = "text"  # what the tokenizer clusters (training/item_features.py ITEM_FEATURES)
+    collaborative_weight: float = 1.0  # the collaborative half's scale in "text+collaborative"
     tokenizer_params: dict[str, Any] = field(default_factory=dict)
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -86,7 +89,11 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("embeddings", t0)
 
     t0 = time.perf_counter()
-    raw_codes, tokenizer, _ = fit_semantic_ids(embeddings, cfg.tokenizer, cfg.tokenizer_params, seed)
+    features = item_features(cfg.item_features, embeddings, dataset, seed, cfg.collaborative_weight, progress)
+    lap("item_features", t0)
+
+    t0 = time.perf_counter()
+    raw_codes, tokenizer, _ = fit_semantic_ids(features, cfg.tokenizer, cfg.tokenizer_params, seed)
     semantic_ids, sid_report = assign_semantic_ids(raw_codes, tokenizer.codebook_sizes)
     lap("tokenizer", t0)
     if progress:
@@ -118,6 +125,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     tokenizer_info = {
         "kind": cfg.tokenizer,
+        "item_features": cfg.item_features,
         "params": tokenizer.params,
         "levels": int(semantic_ids.shape[1]),
         "codebook_sizes": sid_report.codebook_sizes,
@@ -164,6 +172,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "wall_s": round(time.perf_counter() - started, 1),
         "tokenizer": {
             "kind": cfg.tokenizer,
+            "item_features": cfg.item_features,
             "code_usage": sid_report.code_usage,
             "collisions_before_separation": sid_report.collisions_before_separation,
         },

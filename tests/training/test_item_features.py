@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import make_synthetic_dataset
+from training.item_features import item_features
+from training.sasrec import default_artifact_path, load_item_embeddings, save_item_embeddings
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_text_features_are_the_text_embeddings(cache_dir: Path) -> None:
+    dataset = make_synthetic_dataset(n_users=50, n_items=20)
+    text = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
+    np.testing.assert_array_equal(item_features("text", text, dataset, seed=0), text)
+    assert not cache_dir.exists()  # no SASRec artifact was needed
+
+
+def test_concatenation_uses_the_cached_artifact_with_unit_halves(cache_dir: Path) -> None:
+    dataset = make_synthetic_dataset(n_users=50, n_items=20)
+    rng = np.random.default_rng(0)
+    text = rng.normal(size=(20, 8)).astype(np.float32) * 3
+    collaborative = rng.normal(size=(20, 4)).astype(np.float32)
+    save_item_embeddings(default_artifact_path(dataset.name, 0), collaborative, {"dataset": dataset.name})
+
+    both = item_features("text+collaborative", text, dataset, seed=0, collaborative_weight=0.5)
+    assert both.shape == (20, 12)
+    np.testing.assert_allclose(np.linalg.norm(both[:, :8], axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(both[:, 8:], axis=1), 0.5, rtol=1e-5)
+    # same directions as the artifact's rows
+    cosine = (both[:, 8:] * collaborative).sum(1) / (0.5 * np.linalg.norm(collaborative, axis=1))
+    np.testing.assert_allclose(cosine, 1.0, rtol=1e-5)
+
+
+def test_a_mismatched_artifact_is_retrained_on_this_catalog(cache_dir: Path) -> None:
+    dataset = make_synthetic_dataset(n_users=120, n_items=24, seed=3)
+    path = default_artifact_path(dataset.name, 0)
+    save_item_embeddings(path, np.ones((5, 4), dtype=np.float32), {"dataset": dataset.name})  # another catalog's size
+
+    features = item_features("collaborative", np.zeros((24, 8), dtype=np.float32), dataset, seed=0, progress=False)
+    assert features.shape[0] == 24
+    np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
+    retrained, meta = load_item_embeddings(path)
+    assert retrained.shape[0] == 24 and meta["dataset"] == dataset.name
+
+
+def test_unknown_kind_names_the_known_ones(cache_dir: Path) -> None:
+    dataset = make_synthetic_dataset(n_users=50, n_items=20)
+    with pytest.raises(ValueError, match="text\\+collaborative"):
+        item_features("graph", np.zeros((20, 4), dtype=np.float32), dataset, seed=0)
