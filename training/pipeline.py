@@ -34,6 +34,8 @@ class PipelineConfig:
     tokenizer: str = "rqvae"
     item_features: str = "text"  # what the tokenizer clusters (training/item_features.py ITEM_FEATURES)
     collaborative_weight: float = 1.0  # the collaborative half's scale in "text+collaborative"
+    # The SASRec artifact's seed: an upstream input fixed across the recommender's seeds, as the text encoder is.
+    collaborative_seed: int = 0
     tokenizer_params: dict[str, Any] = field(default_factory=dict)
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -89,7 +91,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("embeddings", t0)
 
     t0 = time.perf_counter()
-    features = item_features(cfg.item_features, embeddings, dataset, seed, cfg.collaborative_weight, progress)
+    features = item_features(cfg.item_features, embeddings, dataset, cfg.collaborative_seed,
+                             cfg.collaborative_weight, progress)
     lap("item_features", t0)
 
     t0 = time.perf_counter()
