@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from training.data import make_synthetic_dataset
-from training.item_features import item_features
+from training.item_features import ITEM_FEATURES, item_features
 from training.sasrec import default_artifact_path, load_item_embeddings, save_item_embeddings
 
 
@@ -55,3 +55,11 @@ def test_unknown_kind_names_the_known_ones(cache_dir: Path) -> None:
     dataset = make_synthetic_dataset(n_users=50, n_items=20)
     with pytest.raises(ValueError, match="text\\+collaborative"):
         item_features("graph", np.zeros((20, 4), dtype=np.float32), dataset, seed=0)
+
+
+def test_every_named_configuration_clusters_known_features() -> None:
+    from training.configs import BEST_CONFIG, CONFIGS, get_config
+
+    for name in CONFIGS:
+        assert get_config(name).item_features in ITEM_FEATURES, name
+    assert set(BEST_CONFIG.values()) <= set(CONFIGS)
