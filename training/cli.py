@@ -20,12 +20,17 @@ def _config_name(args: argparse.Namespace) -> str:
     return name
 
 
-def _pipeline(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace):
+    """The named configuration (--config, else the dataset's best) with --dataset and --set applied."""
     from training.configs import apply_overrides, get_config
+
+    return apply_overrides(get_config(_config_name(args), None if args.config is None else args.dataset), args.set or [])
+
+
+def _pipeline(args: argparse.Namespace) -> int:
     from training.pipeline import run_pipeline
 
-    name = _config_name(args)
-    cfg = apply_overrides(get_config(name, None if args.config is None else args.dataset), args.set or [])
+    cfg = _config(args)
     summary = run_pipeline(cfg, seed=args.seed, models_dir=Path(args.models_dir))
     print(json.dumps(summary))
     return 0
@@ -38,6 +43,9 @@ def _seeds(args: argparse.Namespace) -> int:
     name = _config_name(args)
     log_dir = REPO_ROOT / "runs" / "logs"
     if not args.summarize_only:
+        from training.pipeline import prepare_shared_inputs
+
+        prepare_shared_inputs(_config(args))  # once, before the seeds start side by side
         extra = (["--dataset", args.dataset] if args.config and args.dataset else []) + (["--set", *args.set] if args.set else [])
         run_seeds(name, args.seeds, log_dir, extra, parallel=not args.one_at_a_time)
     summary = summarize([read_summary(log_path(log_dir, name, seed)) for seed in args.seeds])

@@ -64,6 +64,14 @@ def fit_semantic_ids(embeddings: np.ndarray, kind: str, params: dict[str, Any], 
     return raw_codes, tokenizer, report
 
 
+def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
+    """Computes and caches what every seed of `cfg` reads (text embeddings, collaborative
+    embeddings), so seeds started side by side neither repeat that work nor race on its files."""
+    dataset = load_dataset(cfg.dataset)
+    embeddings = embed_items(dataset.texts, get_text_encoder(cfg.text_encoder))
+    item_features(cfg.item_features, embeddings, dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
+
+
 def format_table(rows: dict[str, dict[str, float]]) -> str:
     keys = ["recall@5", "recall@10", "ndcg@5", "ndcg@10"]
     lines = ["| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]

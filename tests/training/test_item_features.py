@@ -63,3 +63,18 @@ def test_every_named_configuration_clusters_known_features() -> None:
     for name in CONFIGS:
         assert get_config(name).item_features in ITEM_FEATURES, name
     assert set(BEST_CONFIG.values()) <= set(CONFIGS)
+
+
+def test_shared_inputs_are_prepared_once_for_side_by_side_seeds(cache_dir: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from training.configs import get_config
+    from training.data import load_dataset, write_dataset
+    from training.pipeline import prepare_shared_inputs
+
+    folder = write_dataset(make_synthetic_dataset(n_users=120, n_items=24, seed=4), tmp_path / "shop")
+    cfg = dataclasses.replace(get_config("tiny", str(folder)), item_features="collaborative", collaborative_seed=3)
+    prepare_shared_inputs(cfg, progress=False)
+    embeddings, meta = load_item_embeddings(default_artifact_path(load_dataset(str(folder)).name, 3))
+    assert embeddings.shape[0] == 24 and meta["seed"] == 3
+    assert list((cache_dir / "embeddings").iterdir())  # the text embeddings were cached too
