@@ -17,8 +17,8 @@ from safetensors.numpy import load_file, save_file
 from training.cache import cache_path
 from training.data import item_popularity, leave_one_out, load_dataset
 from training.embeddings import embed_items, get_text_encoder
-from training.item_features import item_features
 from training.export import check_bundle, write_bundle
+from training.item_features import item_features
 from training.model import Seq2SeqConfig
 from training.tokenizers import assign_semantic_ids, get_tokenizer
 from training.train import TrainConfig, evaluate, train_recommender
