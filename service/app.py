@@ -83,6 +83,7 @@ async def start_serving(
         max_wait_ms=settings.max_wait_ms,
         max_queue_size=settings.max_queue_size,
         engine_workers=settings.engine_workers,
+        engine_nice=settings.engine_nice,
         metrics=metrics,
     )
     await batcher.start()

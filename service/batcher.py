@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -110,6 +113,19 @@ class Batch:
                 request.future.set_exception(error)
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Raise this thread's nice value by `nice` (Linux, where nice is per thread). Engine workers
+    run below the event loop, so reading the next request, Redis replies and sending answers are
+    not held up behind a batch that computes on the same cores; the batch loses little."""
+    if nice <= 0 or sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+    except OSError as error:  # a sandbox may forbid it; serving goes on at normal priority
+        log.warning("could not lower the engine thread's priority: %s", error)
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -119,6 +135,7 @@ class MicroBatcher:
         max_wait_ms: float,
         max_queue_size: int,
         engine_workers: int = 1,
+        engine_nice: int = 0,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -130,7 +147,8 @@ class MicroBatcher:
         self.engine_workers = engine_workers
         self._metrics = metrics
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine")
+        self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine",
+                                            initializer=lower_thread_priority, initargs=(engine_nice,))
         # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
         self._free_workers = asyncio.Semaphore(engine_workers)
         self._running: set[asyncio.Task[None]] = set()

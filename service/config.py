@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     onnx_providers: str = "auto"
     # Micro-batches computed at once, one engine thread each; the next batch starts while one runs.
     engine_workers: int = Field(2, ge=1)
+    # Nice value added to the engine worker threads (Linux): the event loop, which reads requests,
+    # Redis replies and sends answers, then never waits behind a computing batch. 0 -> same priority.
+    engine_nice: int = Field(10, ge=0, le=19)
     # onnxruntime intra-op threads per batch; 0 -> the cores divided among the engine workers.
     intra_op_threads: int = Field(0, ge=0)
     # One log line per HTTP request; off by default because /metrics already counts requests and

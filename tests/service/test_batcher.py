@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 import time
 
 import numpy as np
@@ -219,3 +222,22 @@ def test_engine_workers_run_batches_side_by_side_and_each_takes_what_queued_mean
 def test_engine_workers_must_be_positive() -> None:
     with pytest.raises(ValueError, match="engine_workers"):
         make_batcher(FakeEngine(), engine_workers=0)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread only on Linux; elsewhere engine_nice is a no-op")
+def test_engine_threads_run_below_the_event_loop_priority() -> None:
+    class NiceRecordingEngine(FakeEngine):
+        def search(self, histories):
+            self.nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return super().search(histories)
+
+    async def main() -> None:
+        engine = NiceRecordingEngine()
+        batcher = make_batcher(engine, engine_nice=5)
+        await batcher.start()
+        await batcher.submit(np.array([1]), deadline_in(10))
+        await batcher.close(1.0)
+        loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert engine.nice == min(19, loop_nice + 5)
+
+    asyncio.run(main())
