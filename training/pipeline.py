@@ -119,7 +119,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     t0 = time.perf_counter()
     result = train_recommender(
         model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
-        semantic_ids, curve_path=run_dir / "training_curve.jsonl", progress=progress,
+        semantic_ids, curve_path=run_dir / "training_curve.jsonl", progress=progress, item_features=features,
     )
     lap("train", t0)
 

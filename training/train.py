@@ -39,6 +39,9 @@ class TrainConfig:
     bf16: bool = True  # autocast where it is fast: GPUs, CPUs with native bf16 (bf16_autocast_is_fast)
     max_train_seconds: float | None = None
     max_sequence_items: int = 64  # longer training sequences keep their most recent items
+    # Start the code embeddings (and the output heads) from the item features the codes came from,
+    # instead of noise: the sum of an item's code embeddings then begins as its projected feature.
+    init_codes_from_features: bool = False
     seed: int = 0
     device: str = "cpu"
 
@@ -82,6 +85,50 @@ def collate_sequences(sequences: list[np.ndarray], semantic_ids: torch.Tensor) -
         items[row, : len(seq)] = torch.as_tensor(seq)
         mask[row, : len(seq)] = True
     return semantic_ids[items], mask
+
+
+# ---- warm start ------------------------------------------------------------------------------
+
+def code_tables_from_features(
+    features: np.ndarray, semantic_ids: np.ndarray, codebook_sizes: list[int], d_model: int, seed: int,
+    item_rms: float = 0.04,
+) -> list[np.ndarray]:
+    """Per level a (V_l, d_model) table whose rows, summed along an item's codes, approximate the
+    item's feature vector projected to d_model: level by level, each code's row is the mean of what
+    the earlier levels left unexplained for its items (residual quantisation's centres, for any
+    tokenizer, the collision level included). The projection keeps the features' leading principal
+    directions (random orthonormal ones when the features are narrower than d_model); rows are
+    scaled so an item's sum has `item_rms` per coordinate, about what random initialisation gives."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x - x.mean(0)
+    rng = np.random.default_rng(seed)
+    if x.shape[1] >= d_model:
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        z = x @ vt[:d_model].T
+    else:
+        basis, _ = np.linalg.qr(rng.standard_normal((d_model, x.shape[1])))
+        z = x @ basis.T
+    z *= item_rms / max(float(np.sqrt((z**2).mean())), 1e-12)
+    residual, tables = z, []
+    for level, size in enumerate(codebook_sizes):
+        codes = semantic_ids[:, level]
+        sums = np.zeros((size, d_model))
+        np.add.at(sums, codes, residual)
+        counts = np.bincount(codes, minlength=size)[:, None]
+        table = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+        residual = residual - table[codes]
+        tables.append(table.astype(np.float32))
+    return tables
+
+
+def warm_start_codes(model: GenerativeRecommender, tables: list[np.ndarray]) -> None:
+    """Copies the tables into the code embeddings and the output heads (unused codes keep noise)."""
+    with torch.no_grad():
+        for level, table in enumerate(tables):
+            rows = torch.as_tensor(table)
+            used = rows.abs().sum(1) > 0
+            for weight in (model.code_embeddings[level].weight, model.heads[level].weight):
+                weight[used] = rows[used].to(weight.dtype)
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -208,12 +255,19 @@ def train_recommender(
     semantic_ids: np.ndarray,
     curve_path: Path | None = None,
     progress: bool = True,
+    item_features: np.ndarray | None = None,
 ) -> TrainResult:
     rank, world = distributed_context()
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)  # same on every rank: same batch list, split by rank
     device = torch.device(train_cfg.device)
-    model = GenerativeRecommender(model_cfg).to(device)
+    model = GenerativeRecommender(model_cfg)
+    if train_cfg.init_codes_from_features:
+        if item_features is None:
+            raise ValueError("init_codes_from_features needs the item features the codes were fitted on")
+        warm_start_codes(model, code_tables_from_features(
+            item_features, semantic_ids, model_cfg.codebook_sizes, model_cfg.d_model, train_cfg.seed))
+    model = model.to(device)
     trained = model
     if world > 1:
         trained = torch.nn.parallel.DistributedDataParallel(model)
