@@ -1,0 +1,93 @@
+"""Non-learned floors under the same protocol: the most popular items, and a first-order item
+transition model (the items that most often followed the history's last item in training).
+
+They say how much of a split is popularity and plain item-to-item succession, which a sequential
+model should at least match, and they measure the drift between the splits: the same baseline
+scores lower on test than on validation when the test targets are rarer items.
+
+    python -m training.baselines --dataset beauty
+
+Prints a markdown table and, last, one JSON line with both baselines on valid and test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from training.data import Splits, item_popularity, leave_one_out, load_dataset
+from training.metrics import topk_metrics
+
+TOP_K = 10
+
+
+def most_popular_topk(splits: Splits, n_items: int, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
+    """(U, k): the k items with the most training interactions, the same for every user."""
+    ranked = np.argsort(-item_popularity(splits.train_sequences, n_items), kind="stable")[:k]
+    return np.broadcast_to(ranked, (len(histories), len(ranked))).copy()
+
+
+def transition_counts(train_sequences: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR of how often item b directly followed item a in training: (row_start, successor, count),
+    each row's successors sorted by count, ties by overall popularity."""
+    pairs = [np.stack([s[:-1], s[1:]], axis=1) for s in train_sequences if len(s) >= 2]
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), dtype=np.int64)
+    keys, counts = np.unique(pairs[:, 0] * n_items + pairs[:, 1], return_counts=True)
+    source, successor = keys // n_items, keys % n_items
+    popularity = item_popularity(train_sequences, n_items)
+    order = np.lexsort((-popularity[successor], -counts, source))  # by source, then count, then popularity
+    source, successor, counts = source[order], successor[order], counts[order]
+    row_start = np.searchsorted(source, np.arange(n_items + 1))
+    return row_start, successor, counts
+
+
+def last_item_transition_topk(splits: Splits, n_items: int, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
+    """(U, k): the most frequent successors of each history's last item, then the most popular items."""
+    row_start, successor, _ = transition_counts(splits.train_sequences, n_items)
+    fallback = np.argsort(-item_popularity(splits.train_sequences, n_items), kind="stable")
+    out = np.empty((len(histories), k), dtype=np.int64)
+    for u, history in enumerate(histories):
+        last = int(history[-1])
+        ranked = successor[row_start[last] : row_start[last + 1]][:k]
+        if len(ranked) < k:
+            head = fallback[: 2 * k]  # k fillers are always among the 2k most popular
+            filler = head[~np.isin(head, ranked)][: k - len(ranked)]
+            ranked = np.concatenate([ranked, filler])
+        out[u] = ranked
+    return out
+
+
+BASELINES = {"most popular": most_popular_topk, "last-item transitions": last_item_transition_topk}
+
+
+def evaluate_baselines(splits: Splits, n_items: int) -> dict[str, dict[str, dict[str, float]]]:
+    """{baseline: {"valid": metrics, "test": metrics}}, full ranking over the catalog."""
+    return {
+        name: {
+            "valid": topk_metrics(topk(splits, n_items, splits.valid_histories), splits.valid_targets),
+            "test": topk_metrics(topk(splits, n_items, splits.test_histories), splits.test_targets),
+        }
+        for name, topk in BASELINES.items()
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.baselines", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", default="beauty", help="beauty, scientific or a dataset folder")
+    parser.add_argument("--max-history", type=int, default=20)
+    args = parser.parse_args(argv)
+    dataset = load_dataset(args.dataset)
+    results = evaluate_baselines(leave_one_out(dataset, args.max_history), dataset.n_items)
+    keys = ("recall@5", "recall@10", "ndcg@5", "ndcg@10")
+    print("| baseline | split | " + " | ".join(keys) + " |\n|---|---|" + "---|" * len(keys))
+    for name, splits in results.items():
+        for split, metrics in splits.items():
+            print(f"| {name} | {split} | " + " | ".join(f"{metrics[key]:.4f}" for key in keys) + " |")
+    print(json.dumps({"dataset": dataset.name, "baselines": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
