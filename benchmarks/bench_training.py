@@ -9,7 +9,8 @@ over rounds. Targets/s counts next-item targets trained (one per (history, next 
 Variants: one pass per sequence (every next-item target at once, the training loop's way) against
 one (history, target) pair per sample (the usual sliding-window way); fp32 against bf16 autocast
 (where the CPU has native bf16);
-eager against torch.compile; model sizes; the share of a step spent building the batch.
+eager against torch.compile; model sizes; smaller batches (more optimizer steps per epoch for the
+same targets); the share of a step spent building the batch.
 The last line of stdout is one JSON object.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from training.tokenizers.base import assign_semantic_ids  # noqa: E402
 from training.train import bf16_autocast_is_fast, collate_sequences, pad_histories, sequence_batches  # noqa: E402
 
 BATCH = 256
+SMALL_BATCHES = (64, 128)  # sequences per step, against the loop's BATCH
 HISTORY = 20
 
 
@@ -47,9 +49,11 @@ def pair_loss(model: GenerativeRecommender, history_codes: torch.Tensor, history
 
 
 class Variant:
-    def __init__(self, name: str, cfg: Seq2SeqConfig, batches, *, pairs: bool, bf16: bool, compiled: bool) -> None:
+    def __init__(self, name: str, cfg: Seq2SeqConfig, batches, *, pairs: bool, bf16: bool, compiled: bool,
+                 steps_scale: int = 1) -> None:
         torch.manual_seed(0)
         self.name, self.batches, self.pairs, self.bf16 = name, batches, pairs, bf16
+        self.steps_scale = steps_scale  # smaller batches take more steps, so every variant sees about as many targets
         self.model = GenerativeRecommender(cfg).train()
         self.step_fn = torch.compile(self.model, dynamic=True) if compiled and not pairs else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
@@ -99,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
 
     sequences = [s[-64:] for s in splits.train_sequences if len(s) >= 2]
-    sequence_index = sequence_batches(sequences, BATCH, rng)
-    sequence_feed = [lambda b=b: collate_sequences([sequences[i] for i in b], codes) for b in sequence_index]
+
+    def feed_of(batch_size: int):
+        index = sequence_batches(sequences, batch_size, rng)
+        return [lambda b=b: collate_sequences([sequences[i] for i in b], codes) for b in index]
+
+    sequence_feed = feed_of(BATCH)
     # The same targets as (history window, next item) pairs, BATCH pairs per step.
     pairs = [(s[max(0, t - HISTORY):t], s[t]) for s in sequences for t in range(1, len(s))]
     order = rng.permutation(len(pairs))
@@ -132,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         Variant(f"one pass per sequence, {precision}, d 256, 4+4", config(256, 4), sequence_feed, pairs=False,
                 bf16=loop_bf16, compiled=False),
     ]
+    variants += [Variant(f"one pass per sequence, {precision}, batch {size}", main_cfg, feed_of(size), pairs=False,
+                         bf16=loop_bf16, compiled=False, steps_scale=BATCH // size) for size in SMALL_BATCHES]
     if loop_bf16:
         variants.append(Variant("one pass per sequence, fp32", main_cfg, sequence_feed, pairs=False, bf16=False,
                                 compiled=False))
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for r in range(args.rounds):
         for variant in variants:
-            variant.run(args.steps)
+            variant.run(args.steps * variant.steps_scale)
         print(f"round {r + 1}: " + ", ".join(f"{v.rates[-1]:.0f}" for v in variants), flush=True)
 
     base = float(np.median(variants[0].rates))
@@ -171,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_building_share": by_name[loop_name]["batch_building_share"],
         "d64_2x2_vs_d128_4x4": by_name[f"one pass per sequence, {precision}, d 64, 2+2"]["vs_training_loop"],
         "d256_4x4_vs_d128_4x4": by_name[f"one pass per sequence, {precision}, d 256, 4+4"]["vs_training_loop"],
+        **{f"batch{size}_vs_batch{BATCH}": by_name[f"one pass per sequence, {precision}, batch {size}"]["vs_training_loop"]
+           for size in SMALL_BATCHES},
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     if args.compile:
