@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,12 +22,6 @@ from training.data import Splits, item_popularity, leave_one_out, load_dataset
 from training.metrics import topk_metrics
 
 TOP_K = 10
-
-
-def most_popular_topk(splits: Splits, n_items: int, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
-    """(U, k): the k items with the most training interactions, the same for every user."""
-    ranked = np.argsort(-item_popularity(splits.train_sequences, n_items), kind="stable")[:k]
-    return np.broadcast_to(ranked, (len(histories), len(ranked))).copy()
 
 
 def transition_counts(train_sequences: list[np.ndarray], n_items: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -43,31 +38,47 @@ def transition_counts(train_sequences: list[np.ndarray], n_items: int) -> tuple[
     return row_start, successor, counts
 
 
-def last_item_transition_topk(splits: Splits, n_items: int, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
-    """(U, k): the most frequent successors of each history's last item, then the most popular items."""
-    row_start, successor, _ = transition_counts(splits.train_sequences, n_items)
-    fallback = np.argsort(-item_popularity(splits.train_sequences, n_items), kind="stable")
-    out = np.empty((len(histories), k), dtype=np.int64)
-    for u, history in enumerate(histories):
-        last = int(history[-1])
-        ranked = successor[row_start[last] : row_start[last + 1]][:k]
-        if len(ranked) < k:
-            head = fallback[: 2 * k]  # k fillers are always among the 2k most popular
-            filler = head[~np.isin(head, ranked)][: k - len(ranked)]
-            ranked = np.concatenate([ranked, filler])
-        out[u] = ranked
-    return out
+@dataclass(frozen=True)
+class Floors:
+    """What both floors read from the training split, counted once and scored on any histories."""
+
+    popular: np.ndarray  # (N,) every item, most training interactions first
+    row_start: np.ndarray  # (N + 1,) transition CSR (transition_counts)
+    successor: np.ndarray
+
+    @classmethod
+    def from_train(cls, train_sequences: list[np.ndarray], n_items: int) -> Floors:
+        row_start, successor, _ = transition_counts(train_sequences, n_items)
+        popular = np.argsort(-item_popularity(train_sequences, n_items), kind="stable")
+        return cls(popular, row_start, successor)
+
+    def most_popular(self, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
+        """(U, k): the k most popular items, the same for every user."""
+        return np.broadcast_to(self.popular[:k], (len(histories), min(k, len(self.popular)))).copy()
+
+    def last_item_transitions(self, histories: list[np.ndarray], k: int = TOP_K) -> np.ndarray:
+        """(U, k): the most frequent successors of each history's last item, then the most popular items."""
+        head = self.popular[: 2 * k]  # k fillers are always among the 2k most popular
+        out = np.empty((len(histories), k), dtype=np.int64)
+        for u, history in enumerate(histories):
+            last = int(history[-1])
+            ranked = self.successor[self.row_start[last] : self.row_start[last + 1]][:k]
+            if len(ranked) < k:
+                ranked = np.concatenate([ranked, head[~np.isin(head, ranked)][: k - len(ranked)]])
+            out[u] = ranked
+        return out
 
 
-BASELINES = {"most popular": most_popular_topk, "last-item transitions": last_item_transition_topk}
+BASELINES = {"most popular": Floors.most_popular, "last-item transitions": Floors.last_item_transitions}
 
 
 def evaluate_baselines(splits: Splits, n_items: int) -> dict[str, dict[str, dict[str, float]]]:
     """{baseline: {"valid": metrics, "test": metrics}}, full ranking over the catalog."""
+    floors = Floors.from_train(splits.train_sequences, n_items)
     return {
         name: {
-            "valid": topk_metrics(topk(splits, n_items, splits.valid_histories), splits.valid_targets),
-            "test": topk_metrics(topk(splits, n_items, splits.test_histories), splits.test_targets),
+            "valid": topk_metrics(topk(floors, splits.valid_histories), splits.valid_targets),
+            "test": topk_metrics(topk(floors, splits.test_histories), splits.test_targets),
         }
         for name, topk in BASELINES.items()
     }

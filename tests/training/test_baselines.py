@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from training.baselines import evaluate_baselines, last_item_transition_topk, main, most_popular_topk, transition_counts
+from training.baselines import Floors, evaluate_baselines, main, transition_counts
 from training.data import Dataset, leave_one_out, make_synthetic_dataset
 
 
@@ -28,7 +28,7 @@ def test_last_item_transitions_fill_with_popular_items_without_repeats() -> None
     # Training sequences are items[:-2]; item 5 never has a successor in training.
     sequences = [[0, 1, 2, 7, 8], [0, 1, 2, 7, 8], [3, 1, 5, 9, 9], [4, 1, 6, 6, 6]]
     splits = leave_one_out(_dataset(sequences, 10), max_history=20)
-    topk = last_item_transition_topk(splits, 10, [np.array([0]), np.array([5])], k=4)
+    topk = Floors.from_train(splits.train_sequences, 10).last_item_transitions([np.array([0]), np.array([5])], k=4)
     assert topk[0, 0] == 1  # the only successor of 0
     assert topk[1, 0] == 1  # 5 has none: the most popular item comes first
     for row in topk:
@@ -43,7 +43,7 @@ def test_transitions_beat_popularity_where_the_next_item_is_the_successor() -> N
     # Users step to the cluster successor 80% of the time (make_synthetic_dataset).
     assert transitions["test"]["recall@10"] > 0.6
     assert transitions["test"]["recall@10"] > 3 * popular["test"]["recall@10"]
-    ranking = most_popular_topk(splits, dataset.n_items, splits.test_histories)
+    ranking = Floors.from_train(splits.train_sequences, dataset.n_items).most_popular(splits.test_histories)
     assert (ranking == ranking[0]).all()
 
 
