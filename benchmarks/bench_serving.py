@@ -519,9 +519,9 @@ def main(argv: list[str] | None = None) -> int:
         feeds_batch = 8
         from service.engine import HistoryTensorizer
 
-        codes, mask = HistoryTensorizer(bundle.semantic_ids, bundle.max_history)(histories[:feeds_batch])
+        history = HistoryTensorizer(bundle.semantic_ids, bundle.max_history)(histories[:feeds_batch])
         session_inputs = {i.name: i.type for i in create_session(bundle.file("beam_search.onnx"), ["CPUExecutionProvider"]).get_inputs()}
-        feeds = {"history_codes": codes, "history_mask": mask} | graph_trie_feeds(build_trie(bundle.semantic_ids), session_inputs)
+        feeds = {n: a for n, a in history.items() if n in session_inputs} | graph_trie_feeds(build_trie(bundle.semantic_ids), session_inputs)
         counted = matmul_flops(str(bundle.file("beam_search.onnx")), feeds)
         flops_per_request = counted["matmul"] / feeds_batch
         best_engine = max((r for r in engine_rows if "graph" not in r), key=lambda r: r["rps"])

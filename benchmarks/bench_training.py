@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def pair_batch(start: int):
         chunk = [pairs[i] for i in order[start:start + BATCH]]
-        history_codes, history_mask = pad_histories([h for h, _ in chunk], semantic_ids, HISTORY)
+        history_codes, history_mask, _ = pad_histories([h for h, _ in chunk], semantic_ids, HISTORY)
         return torch.as_tensor(history_codes), torch.as_tensor(history_mask), codes[[t for _, t in chunk]]
 
     pair_feed = [lambda s=s: pair_batch(s) for s in range(0, len(pairs) - BATCH, BATCH)]

@@ -37,8 +37,12 @@ class BeamEngine(Protocol):
         ...
 
 
+HISTORY_INPUTS = ("history_codes", "history_mask", "history_items")  # history_items: models that embed item ids
+
+
 class HistoryTensorizer:
-    """Item-index histories -> (history_codes (B, H, L) int64, history_mask (B, H) bool).
+    """Item-index histories -> the graphs' history feeds: history_codes (B, H, L) int64,
+    history_mask (B, H) bool and history_items (B, H) int64 (padding = catalog size).
 
     H is always max_history, so a request's result does not depend on what else shares its batch.
     Each request is copied once, into an index matrix; a single gather then yields the codes, with a
@@ -52,7 +56,7 @@ class HistoryTensorizer:
         self._codes = np.zeros((n_items + 1, levels), dtype=np.int64)  # (N + 1, L), last row = padding
         self._codes[:n_items] = semantic_ids
 
-    def __call__(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, histories: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         horizon = self.max_history
         items = np.full((len(histories), horizon), self.pad_index, dtype=np.int64)  # (B, H)
         lengths = np.empty(len(histories), dtype=np.int64)
@@ -66,7 +70,15 @@ class HistoryTensorizer:
         if real.size and (real.min() < 0 or real.max() >= self.pad_index):
             raise ValueError(f"history item index out of range [0, {self.pad_index})")
         history_codes = self._codes[items]  # (B, H, L)
-        return history_codes, history_mask
+        return {"history_codes": history_codes, "history_mask": history_mask, "history_items": items}
+
+
+def declared_history_inputs(session: ort.InferenceSession) -> dict[str, type]:
+    """The history inputs this graph takes, with their contract types: history_items only when
+    the model embeds item ids."""
+    declared = {i.name for i in session.get_inputs()}
+    types = {"history_codes": np.int64, "history_mask": np.bool_, "history_items": np.int64}
+    return {name: types[name] for name in HISTORY_INPUTS if name != "history_items" or name in declared}
 
 
 def resolve_providers(setting: str | Sequence[str]) -> list[str]:
@@ -150,7 +162,8 @@ class OnnxBeamEngine:
 
         declared = {i.name: i.type for i in self.session.get_inputs()}
         trie_feeds = graph_trie_feeds(build_trie(bundle.semantic_ids), declared)
-        expected = {"history_codes": np.int64, "history_mask": np.bool_} | {n: a.dtype.type for n, a in trie_feeds.items()}
+        self._history_inputs = declared_history_inputs(self.session)
+        expected = self._history_inputs | {n: a.dtype.type for n, a in trie_feeds.items()}
         check_graph_inputs(self.session, expected, "beam_search.onnx")
         self.trie_nbytes = sum(a.nbytes for a in trie_feeds.values())
 
@@ -166,11 +179,12 @@ class OnnxBeamEngine:
             self._trie_feeds = trie_feeds
 
     def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        history_codes, history_mask = self._tensorize(histories)  # (B, H, L), (B, H)
+        feeds = self._tensorize(histories)
+        history = {name: feeds[name] for name in self._history_inputs}
         if self.uses_io_binding:
             binding = self.session.io_binding()
-            binding.bind_cpu_input("history_codes", history_codes)
-            binding.bind_cpu_input("history_mask", history_mask)
+            for name, array in history.items():
+                binding.bind_cpu_input(name, array)
             for name, value in self._resident_trie.items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output("item_indices", "cpu")
@@ -178,8 +192,7 @@ class OnnxBeamEngine:
             self.session.run_with_iobinding(binding)
             item_indices, scores = binding.copy_outputs_to_cpu()
         else:
-            feeds = {"history_codes": history_codes, "history_mask": history_mask, **self._trie_feeds}
-            item_indices, scores = self.session.run(["item_indices", "scores"], feeds)
+            item_indices, scores = self.session.run(["item_indices", "scores"], history | self._trie_feeds)
         expected_shape = (len(histories), self.beam_size)
         if item_indices.shape != expected_shape or scores.shape != expected_shape:
             raise RuntimeError(f"beam_search.onnx returned {item_indices.shape}/{scores.shape}, expected {expected_shape}")

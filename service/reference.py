@@ -10,7 +10,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.bundle import Bundle
-from service.engine import HistoryTensorizer, check_graph_inputs, create_session, resolve_providers
+from service.engine import (
+    HistoryTensorizer,
+    check_graph_inputs,
+    create_session,
+    declared_history_inputs,
+    resolve_providers,
+)
 from service.trie import PrefixTrie
 
 
@@ -26,7 +32,8 @@ class ReferenceBeamEngine:
         wanted = resolve_providers(providers)
         self.encoder = create_session(bundle.file("encoder.onnx"), wanted, intra_op_threads)
         self.decoder = create_session(bundle.file("decoder.onnx"), wanted, intra_op_threads)
-        check_graph_inputs(self.encoder, {"history_codes": np.int64, "history_mask": np.bool_}, "encoder.onnx")
+        self._history_inputs = declared_history_inputs(self.encoder)
+        check_graph_inputs(self.encoder, self._history_inputs, "encoder.onnx")
         check_graph_inputs(
             self.decoder,
             {"memory": np.float32, "history_mask": np.bool_, "prefix_codes": np.int64},
@@ -39,8 +46,9 @@ class ReferenceBeamEngine:
         self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
 
     def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        history_codes, history_mask = self._tensorize(histories)  # (B, H, L), (B, H)
-        (memory,) = self.encoder.run(["memory"], {"history_codes": history_codes, "history_mask": history_mask})  # (B, H, D)
+        feeds = self._tensorize(histories)
+        history_mask = feeds["history_mask"]  # (B, H)
+        (memory,) = self.encoder.run(["memory"], {name: feeds[name] for name in self._history_inputs})  # (B, H, D)
         item_indices = np.full((len(histories), self.beam_size), -1, dtype=np.int64)
         scores = np.full((len(histories), self.beam_size), -np.inf, dtype=np.float32)
         for b in range(len(histories)):

@@ -99,14 +99,18 @@ class ConstrainedBeamSearch(nn.Module):
         self.model = model
         self.beam_size = beam_size
 
-    def forward(self, history_codes: torch.Tensor, history_mask: torch.Tensor, *trie: torch.Tensor):
-        """history_codes (B, H, L) int64, history_mask (B, H) bool, then the trie arrays in
-        graph-input order: codes_0..codes_{L-1}, offsets_0..offsets_{L-1}, leaf_items.
+    def forward(self, *inputs: torch.Tensor):
+        """The history inputs (model.cfg.history_inputs: history_codes (B, H, L) int64, history_mask
+        (B, H) bool[, history_items (B, H) int64]), then the trie arrays in graph-input order:
+        codes_0..codes_{L-1}, offsets_0..offsets_{L-1}, leaf_items.
         Returns item_indices (B, beam) int64 (-1 where no valid item) and scores (B, beam)."""
         model, levels, beam = self.model, self.model.cfg.levels, self.beam_size
+        n_history = len(model.cfg.history_inputs)
+        history, trie = inputs[:n_history], inputs[n_history:]
         trie_codes, trie_offsets, leaf_items = trie[:levels], trie[levels : 2 * levels], trie[2 * levels]
-        b = history_codes.shape[0]
-        memory = model.encode(history_codes, history_mask)
+        history_mask = history[1]
+        b = history_mask.shape[0]
+        memory = model.encode(*history)
         # Per layer, keys transposed to (B, h, hd, H) and values (B, h, H, hd): once per request,
         # shared by its beams.
         cross_kv = [(key.transpose(-1, -2), value) for key, value in model.cross_keys_values(memory)]
@@ -182,8 +186,9 @@ class EncoderGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
-        return self.model.encode(history_codes, history_mask)
+    def forward(self, *history: torch.Tensor) -> torch.Tensor:
+        """The history inputs in model.cfg.history_inputs order."""
+        return self.model.encode(*history)
 
 
 class DecoderGraph(nn.Module):

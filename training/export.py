@@ -27,7 +27,7 @@ from service.engine import OnnxBeamEngine
 from service.trie import build_trie
 from training.beam import ConstrainedBeamSearch, DecoderGraph, EncoderGraph, trie_input_names, trie_tensors
 from training.model import GenerativeRecommender
-from training.train import pad_histories, recommend_topk
+from training.train import history_tensors, pad_histories, recommend_topk
 
 SCHEMA_VERSION = 1
 OPSET = 17
@@ -47,9 +47,10 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str],
 def export_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray, beam_size: int, out_dir: Path) -> None:
     model = model.cpu().eval()
     levels = model.cfg.levels
-    codes, mask = pad_histories([np.arange(min(3, len(semantic_ids)))] * 2, semantic_ids, model.cfg.max_history)
-    history = (torch.as_tensor(codes), torch.as_tensor(mask))
-    history_axes = {"history_codes": {0: "batch", 1: "history"}, "history_mask": {0: "batch", 1: "history"}}
+    history_names = model.cfg.history_inputs
+    padded = pad_histories([np.arange(min(3, len(semantic_ids)))] * 2, semantic_ids, model.cfg.max_history)
+    history = history_tensors(model.cfg, *padded)
+    history_axes = {name: {0: "batch", 1: "history"} for name in history_names}
 
     trie_axes: dict[str, dict[int, str]] = {"trie_leaf_items": {0: "items"}}
     for d in range(levels):
@@ -58,11 +59,11 @@ def export_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray, beam_s
     trie = trie_tensors(build_trie(semantic_ids).as_feeds(), levels)
     _export(
         ConstrainedBeamSearch(model, beam_size), (*history, *trie), out_dir / "beam_search.onnx",
-        ["history_codes", "history_mask", *trie_input_names(levels)], ["item_indices", "scores"],
+        [*history_names, *trie_input_names(levels)], ["item_indices", "scores"],
         history_axes | trie_axes | {"item_indices": {0: "batch"}, "scores": {0: "batch"}},
     )
     _export(
-        EncoderGraph(model), history, out_dir / "encoder.onnx", ["history_codes", "history_mask"], ["memory"],
+        EncoderGraph(model), history, out_dir / "encoder.onnx", history_names, ["memory"],
         history_axes | {"memory": {0: "batch", 1: "history"}},
     )
     with torch.no_grad():
@@ -93,14 +94,15 @@ def check_bundle(bundle_dir: Path, model: GenerativeRecommender, histories: list
     bundle = load_bundle(bundle_dir)
     semantic_ids = bundle.semantic_ids.astype(np.int64)
     model = model.cpu().eval()
-    codes, mask = pad_histories(histories, semantic_ids, model.cfg.max_history)
+    codes, mask, items = pad_histories(histories, semantic_ids, model.cfg.max_history)
+    history = history_tensors(model.cfg, codes, mask, items)
     cpu = ["CPUExecutionProvider"]
     with torch.no_grad():
-        memory = model.encode(torch.as_tensor(codes), torch.as_tensor(mask))
+        memory = model.encode(*history)
         prefix = torch.as_tensor(semantic_ids[np.arange(len(histories)) % len(semantic_ids), :-1])
         log_probs = DecoderGraph(model)(memory, torch.as_tensor(mask), prefix)
     encoder = ort.InferenceSession(str(bundle_dir / "encoder.onnx"), providers=cpu)
-    onnx_memory = encoder.run(None, {"history_codes": codes, "history_mask": mask})[0]
+    onnx_memory = encoder.run(None, {name: t.numpy() for name, t in zip(model.cfg.history_inputs, history)})[0]
     decoder = ort.InferenceSession(str(bundle_dir / "decoder.onnx"), providers=cpu)
     onnx_log_probs = decoder.run(None, {"memory": memory.numpy(), "history_mask": mask, "prefix_codes": prefix.numpy()})[0]
 

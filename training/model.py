@@ -28,6 +28,11 @@ class Seq2SeqConfig:
     decoder_layers: int = 4
     dropout: float = 0.1
     max_history: int = 20
+    # Each history item also gets its own embedding, added to the sum of its code embeddings: the
+    # encoder then knows exact item identity, as SASRec does, while the decoder still generates codes.
+    # The graphs take `history_items` (B, H) int64 then, padded with item_count.
+    history_item_ids: bool = False
+    item_count: int = 0  # catalog size, set by the pipeline from the semantic IDs
 
     @property
     def levels(self) -> int:
@@ -36,6 +41,11 @@ class Seq2SeqConfig:
     @property
     def max_codebook(self) -> int:
         return max(self.codebook_sizes)
+
+    @property
+    def history_inputs(self) -> list[str]:
+        """The graph inputs that carry the history, in the graphs' order."""
+        return ["history_codes", "history_mask"] + (["history_items"] if self.history_item_ids else [])
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +148,10 @@ class GenerativeRecommender(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.code_embeddings = nn.ModuleList(nn.Embedding(v, d) for v in cfg.codebook_sizes)
+        if cfg.history_item_ids and cfg.item_count < 1:
+            raise ValueError("history_item_ids needs item_count, the catalog size")
+        # One row per item and a last one for padding.
+        self.item_embeddings = nn.Embedding(cfg.item_count + 1, d) if cfg.history_item_ids else None
         self.relative_bias = nn.Embedding(cfg.max_history, cfg.n_heads)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.encoder_layers))
         self.encoder_norm = RMSNorm(d)
@@ -171,9 +185,20 @@ class GenerativeRecommender(nn.Module):
         key_ok = mask[:, None, None, :] | (distance == 0)[None, None]
         return bias.masked_fill(~key_ok, NEG)
 
-    def encode(self, history_codes: torch.Tensor, history_mask: torch.Tensor) -> torch.Tensor:
-        """history_codes (B, T, L), history_mask (B, T) -> memory (B, T, D)."""
-        x = self.dropout(self.embed_items(history_codes))
+    def embed_history(self, history_codes: torch.Tensor, history_items: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, L) codes and (B, T) item indices -> (B, T, D) encoder input tokens."""
+        x = self.embed_items(history_codes)
+        if self.item_embeddings is None:
+            return x
+        if history_items is None:
+            raise ValueError("this model embeds history item ids: pass history_items")
+        return x + self.item_embeddings(history_items)
+
+    def encode(
+        self, history_codes: torch.Tensor, history_mask: torch.Tensor, history_items: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """history_codes (B, T, L), history_mask (B, T), history_items (B, T) -> memory (B, T, D)."""
+        x = self.dropout(self.embed_history(history_codes, history_items))
         bias = self.encoder_bias(history_mask)
         for layer in self.encoder_layers:
             x = layer(x, bias)
@@ -214,18 +239,21 @@ class GenerativeRecommender(nn.Module):
         return F.pad(logits, (0, pad), value=NEG) if pad else logits
 
     # ---- training: every next item of every sequence in one pass ---------------------------
-    def forward(self, item_codes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.sequence_loss(item_codes, mask)
+    def forward(self, item_codes: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        return self.sequence_loss(item_codes, mask, items)
 
-    def sequence_loss(self, item_codes: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """item_codes (B, T, L) of whole training sequences (right-padded), mask (B, T).
+    def sequence_loss(
+        self, item_codes: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int]:
+        """item_codes (B, T, L) of whole training sequences (right-padded), mask (B, T), items (B, T)
+        their item indices (needed when the model embeds history item ids).
 
         Position t < T-1 is a history end; the target is item t+1, its history the up-to-
         max_history items ending at t. Returns the mean cross-entropy summed over levels.
         """
         inputs, input_mask = item_codes[:, :-1], mask[:, :-1]
         targets, target_mask = item_codes[:, 1:], mask[:, 1:]
-        memory = self.encode(inputs, input_mask)  # (B, T-1, D)
+        memory = self.encode(inputs, input_mask, None if items is None else items[:, :-1])  # (B, T-1, D)
         b, t, _ = memory.shape
         window = min(self.cfg.max_history, t)
         batch_idx, pos_idx = target_mask.nonzero(as_tuple=True)  # (M,) targets that exist

@@ -111,7 +111,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         print(f"[genrec] code usage per level {[round(u, 3) for u in sid_report.code_usage]}, "
               f"{sid_report.collisions_before_separation} items collided before separation", flush=True)
 
-    model_cfg = replace(cfg.model, codebook_sizes=list(sid_report.codebook_sizes))
+    model_cfg = replace(cfg.model, codebook_sizes=list(sid_report.codebook_sizes), item_count=len(semantic_ids))
     train_cfg = replace(cfg.train, seed=seed, beam_size=cfg.beam_size)
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
     run_dir = models_dir.parent / "runs" / cfg.name / version

@@ -51,17 +51,30 @@ class TrainConfig:
 
 # ---- batching --------------------------------------------------------------------------------
 
-def pad_histories(histories: list[np.ndarray], semantic_ids: np.ndarray, max_history: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad the most recent `max_history` items -> codes (B, H, L) int64, mask (B, H) bool."""
+def pad_histories(
+    histories: list[np.ndarray], semantic_ids: np.ndarray, max_history: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Left-pad the most recent `max_history` items -> codes (B, H, L) int64, mask (B, H) bool,
+    items (B, H) int64 (padding = the catalog size, the item embeddings' padding row)."""
     width = max(1, min(max_history, max((len(h) for h in histories), default=1)))
     codes = np.zeros((len(histories), width, semantic_ids.shape[1]), dtype=np.int64)
     mask = np.zeros((len(histories), width), dtype=bool)
+    items = np.full((len(histories), width), len(semantic_ids), dtype=np.int64)
     for row, history in enumerate(histories):
         recent = np.asarray(history[-width:], dtype=np.int64)
         if len(recent):
             codes[row, width - len(recent) :] = semantic_ids[recent]
             mask[row, width - len(recent) :] = True
-    return codes, mask
+            items[row, width - len(recent) :] = recent
+    return codes, mask, items
+
+
+def history_tensors(
+    cfg: Seq2SeqConfig, codes: np.ndarray, mask: np.ndarray, items: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, ...]:
+    """pad_histories' arrays -> the tensors the model's graphs take (cfg.history_inputs), in order."""
+    arrays = {"history_codes": codes, "history_mask": mask, "history_items": items}
+    return tuple(torch.as_tensor(arrays[name], device=device) for name in cfg.history_inputs)
 
 
 def sequence_batches(sequences: list[np.ndarray], batch_size: int, rng: np.random.Generator) -> list[list[int]]:
@@ -76,18 +89,34 @@ def sequence_batches(sequences: list[np.ndarray], batch_size: int, rng: np.rando
     return batches
 
 
-def collate_sequences(sequences: list[np.ndarray], semantic_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded item codes (B, T, L) and mask (B, T)."""
+def collate_sequences(
+    sequences: list[np.ndarray], semantic_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded item codes (B, T, L), mask (B, T) and item indices (B, T), padding = catalog size."""
     t = max(len(s) for s in sequences)
-    items = torch.zeros(len(sequences), t, dtype=torch.long)
+    items = torch.full((len(sequences), t), len(semantic_ids), dtype=torch.long)
     mask = torch.zeros(len(sequences), t, dtype=torch.bool)
     for row, seq in enumerate(sequences):
         items[row, : len(seq)] = torch.as_tensor(seq)
         mask[row, : len(seq)] = True
-    return semantic_ids[items], mask
+    return semantic_ids[items.masked_fill(~mask, 0)], mask, items
 
 
 # ---- warm start ------------------------------------------------------------------------------
+
+def project_features(features: np.ndarray, d_model: int, seed: int, item_rms: float = 0.04) -> np.ndarray:
+    """(N, F) -> (N, d_model): the features' leading principal directions (random orthonormal ones
+    when the features are narrower than d_model), scaled to `item_rms` per coordinate."""
+    x = np.asarray(features, dtype=np.float64)
+    x = x - x.mean(0)
+    if x.shape[1] >= d_model:
+        _, _, vt = np.linalg.svd(x, full_matrices=False)
+        z = x @ vt[:d_model].T
+    else:
+        basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d_model, x.shape[1])))
+        z = x @ basis.T
+    return z * (item_rms / max(float(np.sqrt((z**2).mean())), 1e-12))
+
 
 def code_tables_from_features(
     features: np.ndarray, semantic_ids: np.ndarray, codebook_sizes: list[int], d_model: int, seed: int,
@@ -99,17 +128,7 @@ def code_tables_from_features(
     tokenizer, the collision level included). The projection keeps the features' leading principal
     directions (random orthonormal ones when the features are narrower than d_model); rows are
     scaled so an item's sum has `item_rms` per coordinate, about what random initialisation gives."""
-    x = np.asarray(features, dtype=np.float64)
-    x = x - x.mean(0)
-    rng = np.random.default_rng(seed)
-    if x.shape[1] >= d_model:
-        _, _, vt = np.linalg.svd(x, full_matrices=False)
-        z = x @ vt[:d_model].T
-    else:
-        basis, _ = np.linalg.qr(rng.standard_normal((d_model, x.shape[1])))
-        z = x @ basis.T
-    z *= item_rms / max(float(np.sqrt((z**2).mean())), 1e-12)
-    residual, tables = z, []
+    residual, tables = project_features(features, d_model, seed, item_rms), []
     for level, size in enumerate(codebook_sizes):
         codes = semantic_ids[:, level]
         sums = np.zeros((size, d_model))
@@ -129,6 +148,18 @@ def warm_start_codes(model: GenerativeRecommender, tables: list[np.ndarray]) -> 
             used = rows.abs().sum(1) > 0
             for weight in (model.code_embeddings[level].weight, model.heads[level].weight):
                 weight[used] = rows[used].to(weight.dtype)
+
+
+def warm_start_items(model: GenerativeRecommender, features: np.ndarray, semantic_ids: np.ndarray,
+                     tables: list[np.ndarray], seed: int) -> None:
+    """Item embeddings start as what the code tables leave unexplained of each item's projected
+    features, so an item's encoder input (codes' sum + its own row) begins as exactly that projection."""
+    explained = sum(table[semantic_ids[:, level]] for level, table in enumerate(tables))
+    residual = project_features(features, model.cfg.d_model, seed) - explained
+    with torch.no_grad():
+        weight = model.item_embeddings.weight
+        weight[: len(residual)] = torch.as_tensor(residual, dtype=weight.dtype)
+        weight[len(residual) :] = 0
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -153,8 +184,8 @@ def recommend_topk(
     scores = np.zeros((len(histories), beam_size), dtype=np.float32)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        codes, mask = pad_histories([histories[i] for i in rows], semantic_ids, model.cfg.max_history)
-        out_items, out_scores = search(torch.as_tensor(codes, device=device), torch.as_tensor(mask, device=device), *trie)
+        padded = pad_histories([histories[i] for i in rows], semantic_ids, model.cfg.max_history)
+        out_items, out_scores = search(*history_tensors(model.cfg, *padded, device=device), *trie)
         items[rows], scores[rows] = out_items.cpu().numpy(), out_scores.float().cpu().numpy()
     model.train(was_training)
     return items, scores
@@ -265,8 +296,11 @@ def train_recommender(
     if train_cfg.init_codes_from_features:
         if item_features is None:
             raise ValueError("init_codes_from_features needs the item features the codes were fitted on")
-        warm_start_codes(model, code_tables_from_features(
-            item_features, semantic_ids, model_cfg.codebook_sizes, model_cfg.d_model, train_cfg.seed))
+        tables = code_tables_from_features(item_features, semantic_ids, model_cfg.codebook_sizes, model_cfg.d_model,
+                                           train_cfg.seed)
+        warm_start_codes(model, tables)
+        if model.item_embeddings is not None:
+            warm_start_items(model, item_features, semantic_ids, tables, train_cfg.seed)
     model = model.to(device)
     trained = model
     if world > 1:
@@ -304,9 +338,9 @@ def train_recommender(
         epoch_loss, epoch_targets = 0.0, 0
         for batch in bar:
             shard = batch[rank::world] or batch[:1]  # a short last batch still gives every rank work
-            item_codes, mask = collate_sequences([sequences[i] for i in shard], codes)
+            item_codes, mask, items = collate_sequences([sequences[i] for i in shard], codes)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, n_targets = trained(item_codes.to(device), mask.to(device))
+                loss, n_targets = trained(item_codes.to(device), mask.to(device), items.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,8 +30,10 @@ def random_histories(rng: np.random.Generator, num_items: int, batch: int, max_l
 
 def test_tensorizer_left_pads_to_max_history() -> None:
     semantic_ids = np.array([[1, 2], [3, 4], [5, 6]], dtype=np.int32)
-    codes, mask = HistoryTensorizer(semantic_ids, max_history=3)([np.array([2, 0]), np.array([0, 1, 2, 1])])
-    assert codes.dtype == np.int64 and mask.dtype == np.bool_
+    feeds = HistoryTensorizer(semantic_ids, max_history=3)([np.array([2, 0]), np.array([0, 1, 2, 1])])
+    codes, mask, items = feeds["history_codes"], feeds["history_mask"], feeds["history_items"]
+    assert codes.dtype == np.int64 and mask.dtype == np.bool_ and items.dtype == np.int64
+    assert items.tolist() == [[3, 2, 0], [1, 2, 1]]  # padding is the catalog size, the embeddings' padding row
     assert codes.shape == (2, 3, 2) and mask.shape == (2, 3)
     assert mask.tolist() == [[False, True, True], [True, True, True]]
     assert codes[0].tolist() == [[0, 0], [5, 6], [1, 2]]  # padding left, most recent last

@@ -31,3 +31,27 @@ def test_export_rebuilds_graphs_in_place_with_fresh_digests(tiny_bundle: Path, t
     items, scores = after.search(histories)
     np.testing.assert_array_equal(items, expected_items)
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_a_model_with_history_item_ids_exports_and_serves_what_torch_ranks(tmp_path: Path) -> None:
+    from service.reference import ReferenceBeamEngine
+    from training.configs import apply_overrides, get_config
+    from training.data import make_synthetic_dataset, write_dataset
+    from training.pipeline import run_pipeline
+
+    data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
+    cfg = apply_overrides(get_config("tiny", str(data_dir)),
+                          ["model.history_item_ids=true", "train.init_codes_from_features=true"])
+    summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
+    check = summary["export_check"]
+    assert check["served_top10_equal"] == check["users_checked"] > 0
+    assert check["encoder_max_abs_diff"] < 1e-4
+
+    bundle = load_bundle(Path(summary["bundle"]))
+    fast = OnnxBeamEngine(bundle, providers="cpu")
+    assert "history_items" in {i.name for i in fast.session.get_inputs()}
+    histories = [np.array([3, 1, 4]), np.array([59]), np.arange(25) % 60]
+    items, scores = fast.search(histories)
+    reference_items, reference_scores = ReferenceBeamEngine(bundle, providers="cpu").search(histories)
+    np.testing.assert_array_equal(items[:, :10], reference_items[:, :10])
+    np.testing.assert_allclose(scores[:, :10], reference_scores[:, :10], atol=1e-4)

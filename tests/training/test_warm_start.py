@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from training.model import GenerativeRecommender, Seq2SeqConfig
-from training.train import TrainConfig, code_tables_from_features, train_recommender, warm_start_codes
+from training.train import (
+    TrainConfig,
+    code_tables_from_features,
+    project_features,
+    train_recommender,
+    warm_start_codes,
+    warm_start_items,
+)
 
 
 def _items_built_from_codes(n_items: int = 3000, d_feat: int = 8, seed: int = 0):
@@ -55,3 +62,31 @@ def test_warm_start_without_features_is_refused() -> None:
         train_recommender(Seq2SeqConfig(codebook_sizes=[2, 2], d_model=8, n_heads=2, d_ff=16),
                           TrainConfig(epochs=1, init_codes_from_features=True), [np.array([0, 1, 2])],
                           [np.array([0])], np.array([1]), codes, progress=False)
+
+
+def test_item_rows_complete_the_codes_to_the_projected_features() -> None:
+    features, codes = _items_built_from_codes(n_items=500)
+    features = features + 0.05 * np.random.default_rng(1).standard_normal(features.shape)  # beyond what codes say
+    model = GenerativeRecommender(Seq2SeqConfig(codebook_sizes=[16, 8], d_model=16, n_heads=2, d_ff=32,
+                                                encoder_layers=1, decoder_layers=1,
+                                                history_item_ids=True, item_count=len(codes)))
+    tables = code_tables_from_features(features, codes, [16, 8], d_model=16, seed=0)
+    warm_start_codes(model, tables)
+    warm_start_items(model, features, codes, tables, seed=0)
+    items = torch.arange(len(codes))[None]
+    with torch.no_grad():
+        tokens = model.embed_history(torch.as_tensor(codes)[None], items)[0].numpy()
+        codes_only = model.embed_items(torch.as_tensor(codes)).numpy()
+    projected = project_features(features, 16, seed=0)
+    np.testing.assert_allclose(tokens, projected, atol=1e-5)
+    assert np.abs(codes_only - projected).max() > 1e-3  # the item rows carry what the codes miss
+    assert torch.equal(model.item_embeddings.weight[-1], torch.zeros(16))  # the padding row
+
+
+def test_a_model_with_item_ids_refuses_histories_without_them() -> None:
+    model = GenerativeRecommender(Seq2SeqConfig(codebook_sizes=[4, 4], d_model=8, n_heads=2, d_ff=16,
+                                                encoder_layers=1, decoder_layers=1, history_item_ids=True, item_count=5))
+    with pytest.raises(ValueError, match="history_items"):
+        model.encode(torch.zeros(1, 2, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool))
+    with pytest.raises(ValueError, match="item_count"):
+        GenerativeRecommender(Seq2SeqConfig(codebook_sizes=[4, 4], history_item_ids=True))
