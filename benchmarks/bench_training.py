@@ -44,7 +44,7 @@ def pair_loss(model: GenerativeRecommender, history_codes: torch.Tensor, history
     """One (history, next item) pair per row: encode the history, decode the target's codes."""
     memory = model.encode(history_codes, history_mask)
     cross_bias = torch.zeros(history_mask.shape).masked_fill(~history_mask, NEG)[:, None, None, :]
-    hidden = model.decode(target_codes[:, :-1], model.cross_keys_values(memory), cross_bias, groups=1)
+    hidden = model.decode(target_codes[:, :-1], memory[:, -1], model.cross_keys_values(memory), cross_bias, groups=1)
     return model.codes_loss(hidden, target_codes)
 
 

@@ -123,7 +123,7 @@ class ConstrainedBeamSearch(nn.Module):
         self_kv: list[KV] = []
         for step in range(levels):
             k = node.shape[1]
-            x = self.step_input(step, code.reshape(-1))  # (B * k, D)
+            x = self.step_input(step, code.reshape(-1), memory[:, -1])  # (B * k, D)
             hidden, self_kv = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
             log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
             scores, node, code, rows = constrained_step(log_probs, scores, node, trie_codes[step], trie_offsets[step], beam)
@@ -133,12 +133,12 @@ class ConstrainedBeamSearch(nn.Module):
         items = torch.where(live, leaf_items[node].long(), torch.full_like(node, -1))
         return items, scores
 
-    def step_input(self, step: int, codes: torch.Tensor) -> torch.Tensor:
+    def step_input(self, step: int, codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
         """The decoder input at position `step`, as GenerativeRecommender.decoder_inputs builds it:
-        BOS at 0, else the embedding of the previous level's code (codes (S,)); plus the position.
-        -> (S, D)"""
+        the start token at 0 (newest_memory (B, D), one beam per request there), else the embedding
+        of the previous level's code (codes (S,)); plus the position. -> (S, D)"""
         model = self.model
-        token = model.bos.expand(codes.shape[0], -1) if step == 0 else model.code_embeddings[step - 1](codes)
+        token = model.decoder_start(newest_memory) if step == 0 else model.code_embeddings[step - 1](codes)
         return model.dropout(token + model.decoder_positions.weight[step])
 
     def decode_newest(
@@ -201,7 +201,9 @@ class DecoderGraph(nn.Module):
     def forward(self, memory: torch.Tensor, history_mask: torch.Tensor, prefix_codes: torch.Tensor) -> torch.Tensor:
         model = self.model
         cross_bias = torch.zeros(history_mask.shape, device=memory.device).masked_fill(~history_mask, NEG)
-        hidden = model.decode(prefix_codes, model.cross_keys_values(memory), cross_bias[:, None, None, :], groups=1)
+        # Histories are left-padded: the last position is the newest item.
+        hidden = model.decode(prefix_codes, memory[:, -1], model.cross_keys_values(memory), cross_bias[:, None, None, :],
+                              groups=1)
         return torch.stack([model.level_log_probs(hidden[:, lvl], lvl) for lvl in range(model.cfg.levels)], dim=1)
 
 

@@ -33,6 +33,10 @@ class Seq2SeqConfig:
     # The graphs take `history_items` (B, H) int64 then, padded with item_count.
     history_item_ids: bool = False
     item_count: int = 0  # catalog size, set by the pipeline from the semantic IDs
+    # The decoder's first input is BOS plus the encoder's state at the newest history item (the
+    # user's summary, as SASRec scores with it), not BOS alone: the first code's head, started from
+    # the code centres (train.init_codes_from_features), then begins as a dot product with it.
+    decoder_start_from_history: bool = False
 
     @property
     def levels(self) -> int:
@@ -208,10 +212,16 @@ class GenerativeRecommender(nn.Module):
         return [layer.cross_attn.keys_values(memory) for layer in self.decoder_layers]
 
     # ---- decoder -------------------------------------------------------------------------
-    def decoder_inputs(self, prefix_codes: torch.Tensor) -> torch.Tensor:
-        """prefix_codes (S, P-1) codes 0..P-2 -> (S, P, D): [BOS, code_0, ...] + position."""
+    def decoder_start(self, newest_memory: torch.Tensor) -> torch.Tensor:
+        """newest_memory (S, D): the encoder output at each sequence's newest history item -> the
+        decoder's first input (S, D) before its position embedding."""
+        start = self.bos.expand(newest_memory.shape[0], -1)
+        return start + newest_memory if self.cfg.decoder_start_from_history else start
+
+    def decoder_inputs(self, prefix_codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
+        """prefix_codes (S, P-1) codes 0..P-2, newest_memory (S, D) -> (S, P, D): [start, code_0, ...] + position."""
         s, p_minus_1 = prefix_codes.shape
-        tokens = [self.bos.expand(s, 1, -1)]
+        tokens = [self.decoder_start(newest_memory)[:, None]]
         tokens += [self.code_embeddings[lvl](prefix_codes[:, lvl : lvl + 1]) for lvl in range(p_minus_1)]
         x = torch.cat(tokens, dim=1)
         return x + self.decoder_positions.weight[: p_minus_1 + 1]
@@ -219,12 +229,13 @@ class GenerativeRecommender(nn.Module):
     def decode(
         self,
         prefix_codes: torch.Tensor,  # (S, P-1)
+        newest_memory: torch.Tensor,  # (S, D) encoder output at the newest history item
         cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
         cross_bias: torch.Tensor,
         groups: int,
     ) -> torch.Tensor:
         """-> hidden (S, P, D) after the final norm."""
-        x = self.dropout(self.decoder_inputs(prefix_codes))
+        x = self.dropout(self.decoder_inputs(prefix_codes, newest_memory))
         p = x.shape[1]
         causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
         self_bias = torch.zeros(p, p, device=x.device).masked_fill(~causal, NEG)[None, None]
@@ -269,7 +280,7 @@ class GenerativeRecommender(nn.Module):
             cross_kv.append((k, v))
         cross_bias = torch.zeros(key_ok.shape, device=memory.device).masked_fill(~key_ok, NEG)[:, None, None, :]
         target_codes = targets[batch_idx, pos_idx]  # (M, L)
-        hidden = self.decode(target_codes[:, :-1], cross_kv, cross_bias, groups=1)  # (M, L, D)
+        hidden = self.decode(target_codes[:, :-1], memory[batch_idx, pos_idx], cross_kv, cross_bias, groups=1)  # (M, L, D)
         return self.codes_loss(hidden, target_codes), int(batch_idx.numel())
 
     def codes_loss(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:

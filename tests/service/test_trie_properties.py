@@ -251,7 +251,8 @@ def test_dense_rows_only_where_their_size_is_bounded() -> None:
     assert [a.dtype for a in build_trie(np.array([[1, 2]])).as_feeds(dense_levels=0).values()] == [np.int32] * 5
 
 
-def test_kv_cached_decoder_matches_the_full_decoder() -> None:
+@pytest.mark.parametrize("start_from_history", [False, True])
+def test_kv_cached_decoder_matches_the_full_decoder(start_from_history: bool) -> None:
     """The graph's incremental decoder (one new position per step, cached keys/values) equals
     GenerativeRecommender.decode over the whole prefix, in torch, for every level."""
     from training.beam import ConstrainedBeamSearch
@@ -259,7 +260,8 @@ def test_kv_cached_decoder_matches_the_full_decoder() -> None:
 
     torch.manual_seed(0)
     cfg = Seq2SeqConfig(codebook_sizes=[7, 5, 6, 3], d_model=16, n_heads=2, d_ff=32, encoder_layers=1,
-                        decoder_layers=3, dropout=0.0, max_history=MAX_HISTORY)
+                        decoder_layers=3, dropout=0.0, max_history=MAX_HISTORY,
+                        decoder_start_from_history=start_from_history)
     model = GenerativeRecommender(cfg).eval()
     search = ConstrainedBeamSearch(model, beam_size=4)
     groups, requests = 3, 2
@@ -268,12 +270,14 @@ def test_kv_cached_decoder_matches_the_full_decoder() -> None:
     mask = torch.ones(requests, MAX_HISTORY, dtype=torch.bool)
     mask[0, :2] = False
     with torch.no_grad():
-        cross_kv = model.cross_keys_values(model.encode(history, mask))
+        memory = model.encode(history, mask)
+        cross_kv = model.cross_keys_values(memory)
         cross_bias = torch.zeros(mask.shape).masked_fill(~mask, NEG)[:, None, None, :]
-        full = model.decode(codes[:, :-1], cross_kv, cross_bias, groups=groups)  # (S, L, D)
+        newest = memory[:, -1].repeat_interleave(groups, dim=0)  # (S, D): each sequence's request
+        full = model.decode(codes[:, :-1], newest, cross_kv, cross_bias, groups=groups)  # (S, L, D)
         transposed = [(key.transpose(-1, -2), value) for key, value in cross_kv]
         cache: list = []
         for step in range(cfg.levels):
-            x = search.step_input(step, codes[:, step - 1] if step else codes[:, 0])  # (S, D)
+            x = search.step_input(step, codes[:, step - 1] if step else codes[:, 0], newest)  # (S, D)
             hidden, cache = search.decode_newest(x, cache, transposed, cross_bias, groups=groups)
             torch.testing.assert_close(hidden, full[:, step], atol=1e-5, rtol=1e-5)

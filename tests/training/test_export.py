@@ -33,7 +33,9 @@ def test_export_rebuilds_graphs_in_place_with_fresh_digests(tiny_bundle: Path, t
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
 
 
-def test_a_model_with_history_item_ids_exports_and_serves_what_torch_ranks(tmp_path: Path) -> None:
+def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path: Path) -> None:
+    """Both options change the graphs (a history_items input; the decoder's first input reads the
+    newest memory row): the served top-10 must still be torch's, and the reference engine's."""
     from service.reference import ReferenceBeamEngine
     from training.configs import apply_overrides, get_config
     from training.data import make_synthetic_dataset, write_dataset
@@ -41,7 +43,8 @@ def test_a_model_with_history_item_ids_exports_and_serves_what_torch_ranks(tmp_p
 
     data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
     cfg = apply_overrides(get_config("tiny", str(data_dir)),
-                          ["model.history_item_ids=true", "train.init_codes_from_features=true"])
+                          ["model.history_item_ids=true", "model.decoder_start_from_history=true",
+                           "train.init_codes_from_features=true"])
     summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
     check = summary["export_check"]
     assert check["served_top10_equal"] == check["users_checked"] > 0
