@@ -65,6 +65,14 @@ CONFIGS: dict[str, PipelineConfig] = {
         train=TrainConfig(max_train_seconds=3000, eval_users=2000, eval_every=2, init_codes_from_features=True,
                           batch_size=64, lr=1e-3),
     ),
+    # The b64 warm start plus one embedding per history item (model.history_item_ids), started from
+    # what the codes leave unexplained of the item's SASRec vector: the encoder knows exact identity.
+    "beauty-rqkmeans-cf-warm-items": PipelineConfig(
+        name="beauty-rqkmeans-cf-warm-items", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
+        model=Seq2SeqConfig(history_item_ids=True),
+        train=TrainConfig(max_train_seconds=3000, eval_users=2000, eval_every=2, init_codes_from_features=True,
+                          batch_size=64, lr=1e-3),
+    ),
     # RQ-KMeans on [text ; SASRec] embeddings, each L2-normalised: both kinds of neighbours.
     "beauty-rqkmeans-text-cf": PipelineConfig(
         name="beauty-rqkmeans-text-cf", dataset="beauty", tokenizer="rqkmeans", item_features="text+collaborative",
