@@ -100,7 +100,7 @@ CONFIGS: dict[str, PipelineConfig] = {
 
 
 # What `make bench-quality DATASET=<name>` runs without CONFIG: the best measured configuration.
-BEST_CONFIG = {"beauty": "beauty-rqkmeans-cf-warm-b64", "scientific": "scientific-rqkmeans-cf"}
+BEST_CONFIG = {"beauty": "beauty-rqkmeans-cf-warm-items", "scientific": "scientific-rqkmeans-cf"}
 
 
 def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
