@@ -37,7 +37,8 @@ class BeamEngine(Protocol):
         ...
 
 
-HISTORY_INPUTS = ("history_codes", "history_mask", "history_items")  # history_items: models that embed item ids
+# The graphs' history inputs and their contract types; history_items only in models that embed item ids.
+HISTORY_INPUTS = {"history_codes": np.int64, "history_mask": np.bool_, "history_items": np.int64}
 
 
 class HistoryTensorizer:
@@ -77,8 +78,7 @@ def declared_history_inputs(session: ort.InferenceSession) -> dict[str, type]:
     """The history inputs this graph takes, with their contract types: history_items only when
     the model embeds item ids."""
     declared = {i.name for i in session.get_inputs()}
-    types = {"history_codes": np.int64, "history_mask": np.bool_, "history_items": np.int64}
-    return {name: types[name] for name in HISTORY_INPUTS if name != "history_items" or name in declared}
+    return {name: dtype for name, dtype in HISTORY_INPUTS.items() if name != "history_items" or name in declared}
 
 
 def resolve_providers(setting: str | Sequence[str]) -> list[str]:
