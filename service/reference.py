@@ -1,7 +1,8 @@
 """The plain twin of the graph's beam search: Python loops over a dict trie, one decoder call per step.
 
 Slow and obviously correct; tests hold OnnxBeamEngine equal to it. Uses `encoder.onnx` and
-`decoder.onnx`: the decoder returns log_probs (B, L, V) and step p reads row p.
+`decoder.onnx`: the decoder returns log_probs (B, L, V) and step p reads row p. With an item head the
+encoder also returns item_bonus (B, N), added to each found item's score before the final sort.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class ReferenceBeamEngine:
             {"memory": np.float32, "history_mask": np.bool_, "prefix_codes": np.int64},
             "decoder.onnx",
         )
+        # Models with an item head rank the beam's candidates with it too (training/beam.py).
+        self._encoder_outputs = [o.name for o in self.encoder.get_outputs()]
         self.provider = self.decoder.get_providers()[0]
         self.beam_size = bundle.beam_size
         self.levels = bundle.levels
@@ -48,13 +51,18 @@ class ReferenceBeamEngine:
     def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         feeds = self._tensorize(histories)
         history_mask = feeds["history_mask"]  # (B, H)
-        (memory,) = self.encoder.run(["memory"], {name: feeds[name] for name in self._history_inputs})  # (B, H, D)
+        outputs = self.encoder.run(self._encoder_outputs, {name: feeds[name] for name in self._history_inputs})
+        memory = outputs[0]  # (B, H, D)
+        item_bonus = outputs[1] if len(outputs) > 1 else None  # (B, N) with an item head
         item_indices = np.full((len(histories), self.beam_size), -1, dtype=np.int64)
         scores = np.full((len(histories), self.beam_size), -np.inf, dtype=np.float32)
         for b in range(len(histories)):
-            beams = self._search_one(memory[b : b + 1], history_mask[b : b + 1])
-            for j, (codes, score) in enumerate(beams):
-                item_indices[b, j] = self.trie.item_at(codes)
+            found = [(self.trie.item_at(codes), score) for codes, score in self._search_one(memory[b : b + 1], history_mask[b : b + 1])]
+            if item_bonus is not None:
+                found = [(item, score + float(item_bonus[b, item])) for item, score in found]
+                found.sort(key=lambda candidate: candidate[1], reverse=True)
+            for j, (item, score) in enumerate(found):
+                item_indices[b, j] = item
                 scores[b, j] = score
         return item_indices, scores
 

@@ -93,11 +93,26 @@ class ConstrainedStep(nn.Module):
         return scores, node, code
 
 
+def rerank_with_item_head(
+    model: GenerativeRecommender, user_state: torch.Tensor, items: torch.Tensor, scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The beam's candidates ranked by codes' log-probability + item_head_weight * the item head's
+    log-probability. user_state (B, D); items (B, k), -1 for no item; scores (B, k). Dead beams keep
+    their score (<= NEG / 2), so they stay last. -> (items, scores), best first."""
+    item_log_probs = model.item_logits(user_state).log_softmax(-1)  # (B, N)
+    bonus = item_log_probs.gather(1, items.clamp(min=0))
+    combined = torch.where(items >= 0, scores + model.cfg.item_head_weight * bonus, scores)
+    combined, order = combined.topk(items.shape[1], dim=1)
+    return items.gather(1, order), combined
+
+
 class ConstrainedBeamSearch(nn.Module):
-    def __init__(self, model: GenerativeRecommender, beam_size: int) -> None:
+    def __init__(self, model: GenerativeRecommender, beam_size: int, use_item_head: bool = True) -> None:
+        """use_item_head=False ranks by the codes alone even when the model has an item head."""
         super().__init__()
         self.model = model
         self.beam_size = beam_size
+        self.use_item_head = use_item_head and model.cfg.item_head
 
     def forward(self, *inputs: torch.Tensor):
         """The history inputs (model.cfg.history_inputs: history_codes (B, H, L) int64, history_mask
@@ -131,6 +146,8 @@ class ConstrainedBeamSearch(nn.Module):
                 self_kv = [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in self_kv]
         live = scores > NEG / 2
         items = torch.where(live, leaf_items[node].long(), torch.full_like(node, -1))
+        if self.use_item_head:
+            items, scores = rerank_with_item_head(model, memory[:, -1], items, scores)
         return items, scores
 
     def step_input(self, step: int, codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
@@ -180,15 +197,24 @@ class ConstrainedBeamSearch(nn.Module):
 
 
 class EncoderGraph(nn.Module):
-    """history -> memory; for the reference beam search in the service."""
+    """history -> memory, and with an item head item_bonus (B, N): item_head_weight * the item head's
+    log-probabilities at the newest history item, what the beam search adds to each found item's
+    score; for the reference beam search in the service."""
 
     def __init__(self, model: GenerativeRecommender) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *history: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def output_names(model: GenerativeRecommender) -> list[str]:
+        return ["memory"] + (["item_bonus"] if model.cfg.item_head else [])
+
+    def forward(self, *history: torch.Tensor):
         """The history inputs in model.cfg.history_inputs order."""
-        return self.model.encode(*history)
+        memory = self.model.encode(*history)
+        if not self.model.cfg.item_head:
+            return memory
+        return memory, self.model.cfg.item_head_weight * self.model.item_logits(memory[:, -1]).log_softmax(-1)
 
 
 class DecoderGraph(nn.Module):

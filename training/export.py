@@ -63,8 +63,8 @@ def export_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray, beam_s
         history_axes | trie_axes | {"item_indices": {0: "batch"}, "scores": {0: "batch"}},
     )
     _export(
-        EncoderGraph(model), history, out_dir / "encoder.onnx", history_names, ["memory"],
-        history_axes | {"memory": {0: "batch", 1: "history"}},
+        EncoderGraph(model), history, out_dir / "encoder.onnx", history_names, EncoderGraph.output_names(model),
+        history_axes | {"memory": {0: "batch", 1: "history"}, "item_bonus": {0: "batch"}},
     )
     with torch.no_grad():
         memory = model.encode(*history)

@@ -8,6 +8,8 @@ L2-normalising each, the collaborative half scaled by `collaborative_weight`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from training.data import Dataset
@@ -44,18 +46,19 @@ def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True)
 
 def item_features(
     kind: str,
-    text_embeddings: np.ndarray,
+    text_embeddings: Callable[[], np.ndarray],
     dataset: Dataset,
     seed: int,
     collaborative_weight: float = 1.0,
     progress: bool = True,
 ) -> np.ndarray:
-    """(N, D) float32 features the tokenizer fits, in dataset item order."""
+    """(N, D) float32 features the tokenizer fits, in dataset item order. text_embeddings is called
+    only when the kind needs them (encoding a catalog's texts takes minutes on a CPU)."""
     if kind not in ITEM_FEATURES:
         raise ValueError(f"unknown item_features {kind!r}; known: {list(ITEM_FEATURES)}")
     if kind == "text":
-        return np.asarray(text_embeddings, dtype=np.float32)
+        return np.asarray(text_embeddings(), dtype=np.float32)
     collaborative = _unit_rows(collaborative_embeddings(dataset, seed, progress))
     if kind == "collaborative":
         return collaborative
-    return np.concatenate([_unit_rows(text_embeddings), collaborative_weight * collaborative], axis=1)
+    return np.concatenate([_unit_rows(text_embeddings()), collaborative_weight * collaborative], axis=1)

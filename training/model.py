@@ -37,6 +37,13 @@ class Seq2SeqConfig:
     # user's summary, as SASRec scores with it), not BOS alone: the first code's head, started from
     # the code centres (train.init_codes_from_features), then begins as a dot product with it.
     decoder_start_from_history: bool = False
+    # The encoder's newest state also scores every item by a dot product with the item's token (the
+    # encoder's input for it), trained with full-softmax cross-entropy beside the code loss, as SASRec
+    # is. The beam search still proposes the candidates (beam_size items through the trie); their
+    # final score is the codes' log-probability + item_head_weight * the item head's log-probability
+    # (LIGER-style: generative retrieval, dense ranking of what it retrieved).
+    item_head: bool = False
+    item_head_weight: float = 1.0
 
     @property
     def levels(self) -> int:
@@ -154,6 +161,10 @@ class GenerativeRecommender(nn.Module):
         self.code_embeddings = nn.ModuleList(nn.Embedding(v, d) for v in cfg.codebook_sizes)
         if cfg.history_item_ids and cfg.item_count < 1:
             raise ValueError("history_item_ids needs item_count, the catalog size")
+        if cfg.item_head and cfg.item_count < 1:
+            raise ValueError("item_head needs item_count, the catalog size")
+        # The item head builds each item's token from its codes: set by set_item_codes, saved with the weights.
+        self.register_buffer("item_codes", torch.zeros(cfg.item_count if cfg.item_head else 0, cfg.levels, dtype=torch.long))
         # One row per item and a last one for padding.
         self.item_embeddings = nn.Embedding(cfg.item_count + 1, d) if cfg.history_item_ids else None
         self.relative_bias = nn.Embedding(cfg.max_history, cfg.n_heads)
@@ -176,6 +187,24 @@ class GenerativeRecommender(nn.Module):
     def embed_items(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (..., L) -> (..., D): an item token is the sum of its code embeddings."""
         return sum(emb(codes[..., lvl]) for lvl, emb in enumerate(self.code_embeddings))
+
+    def set_item_codes(self, semantic_ids) -> None:
+        """semantic_ids (N, L): the catalog's codes, which the item head's item tokens are built from."""
+        codes = torch.as_tensor(semantic_ids, dtype=torch.long, device=self.item_codes.device)
+        if codes.shape != self.item_codes.shape:
+            raise ValueError(f"semantic IDs {tuple(codes.shape)} do not match this model's catalog {tuple(self.item_codes.shape)}")
+        self.item_codes.copy_(codes)
+
+    def item_tokens(self) -> torch.Tensor:
+        """(N, D): every item's encoder input token (codes' sum, plus its own row with history_item_ids)."""
+        tokens = self.embed_items(self.item_codes)
+        if self.item_embeddings is not None:
+            tokens = tokens + self.item_embeddings.weight[: self.cfg.item_count]
+        return tokens
+
+    def item_logits(self, user_state: torch.Tensor) -> torch.Tensor:
+        """user_state (S, D) encoder outputs -> (S, N) float32 scores of every item as the next one."""
+        return (user_state @ self.item_tokens().T).float()
 
     def encoder_bias(self, mask: torch.Tensor) -> torch.Tensor:
         """mask (B, T) -> (B, h, T, T): causal, within max_history items, relative bias, no pads."""
@@ -280,8 +309,14 @@ class GenerativeRecommender(nn.Module):
             cross_kv.append((k, v))
         cross_bias = torch.zeros(key_ok.shape, device=memory.device).masked_fill(~key_ok, NEG)[:, None, None, :]
         target_codes = targets[batch_idx, pos_idx]  # (M, L)
-        hidden = self.decode(target_codes[:, :-1], memory[batch_idx, pos_idx], cross_kv, cross_bias, groups=1)  # (M, L, D)
-        return self.codes_loss(hidden, target_codes), int(batch_idx.numel())
+        user_state = memory[batch_idx, pos_idx]  # (M, D)
+        hidden = self.decode(target_codes[:, :-1], user_state, cross_kv, cross_bias, groups=1)  # (M, L, D)
+        loss = self.codes_loss(hidden, target_codes)
+        if self.cfg.item_head:
+            if items is None:
+                raise ValueError("this model has an item head: pass the sequences' item indices")
+            loss = loss + F.cross_entropy(self.item_logits(user_state), items[:, 1:][batch_idx, pos_idx])
+        return loss, int(batch_idx.numel())
 
     def codes_loss(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """hidden (M, L, D) decoder states, target_codes (M, L) -> mean cross-entropy summed over levels."""

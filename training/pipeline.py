@@ -68,8 +68,8 @@ def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
     """Computes and caches what every seed of `cfg` reads (text embeddings, collaborative
     embeddings), so seeds started side by side neither repeat that work nor race on its files."""
     dataset = load_dataset(cfg.dataset)
-    embeddings = embed_items(dataset.texts, get_text_encoder(cfg.text_encoder))
-    item_features(cfg.item_features, embeddings, dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
+    item_features(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)), dataset,
+                  cfg.collaborative_seed, cfg.collaborative_weight, progress)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -95,12 +95,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("data", t0)
 
     t0 = time.perf_counter()
-    embeddings = embed_items(dataset.texts, get_text_encoder(cfg.text_encoder))
-    lap("embeddings", t0)
-
-    t0 = time.perf_counter()
-    features = item_features(cfg.item_features, embeddings, dataset, cfg.collaborative_seed,
-                             cfg.collaborative_weight, progress)
+    features = item_features(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
+                             dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
     lap("item_features", t0)
 
     t0 = time.perf_counter()
@@ -130,8 +126,11 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         users = np.sort(np.random.default_rng(seed).choice(users, cfg.final_eval_users, replace=False))
     valid = evaluate(result.model, [splits.valid_histories[u] for u in users], splits.valid_targets[users],
                      semantic_ids, cfg.beam_size, device)
-    test = evaluate(result.model, [splits.test_histories[u] for u in users], splits.test_targets[users],
-                    semantic_ids, cfg.beam_size, device)
+    test_histories = [splits.test_histories[u] for u in users]
+    test = evaluate(result.model, test_histories, splits.test_targets[users], semantic_ids, cfg.beam_size, device)
+    # What the generated codes alone rank, to tell the item head's share of the figures.
+    test_codes_only = (evaluate(result.model, test_histories, splits.test_targets[users], semantic_ids, cfg.beam_size,
+                                device, use_item_head=False) if model_cfg.item_head else None)
     lap("evaluate", t0)
 
     tokenizer_info = {
@@ -189,6 +188,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         },
         "valid": valid,
         "test": test,
+        **({"test_codes_only": test_codes_only} if test_codes_only else {}),
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

@@ -172,11 +172,13 @@ def recommend_topk(
     beam_size: int,
     batch_size: int = 512,
     device: str = "cpu",
+    use_item_head: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Constrained beam search over the whole catalog -> item indices and scores (U, beam)."""
+    """Constrained beam search over the whole catalog -> item indices and scores (U, beam).
+    use_item_head=False ranks by the codes alone even when the model has an item head."""
     was_training = model.training
     model.eval()
-    search = ConstrainedBeamSearch(model, beam_size)
+    search = ConstrainedBeamSearch(model, beam_size, use_item_head)
     trie = trie_tensors(build_trie(semantic_ids).as_feeds(), model.cfg.levels, device)
     # Similar lengths together: less padding, same results.
     order = np.argsort([len(h) for h in histories], kind="stable")
@@ -191,8 +193,10 @@ def recommend_topk(
     return items, scores
 
 
-def evaluate(model, histories, targets, semantic_ids, beam_size: int, device: str = "cpu") -> dict[str, float]:
-    topk, _ = recommend_topk(model, histories, semantic_ids, beam_size, device=device)
+def evaluate(
+    model, histories, targets, semantic_ids, beam_size: int, device: str = "cpu", use_item_head: bool = True
+) -> dict[str, float]:
+    topk, _ = recommend_topk(model, histories, semantic_ids, beam_size, device=device, use_item_head=use_item_head)
     return topk_metrics(topk, np.asarray(targets))
 
 
@@ -293,6 +297,8 @@ def train_recommender(
     rng = np.random.default_rng(train_cfg.seed)  # same on every rank: same batch list, split by rank
     device = torch.device(train_cfg.device)
     model = GenerativeRecommender(model_cfg)
+    if model_cfg.item_head:
+        model.set_item_codes(semantic_ids)
     if train_cfg.init_codes_from_features:
         if item_features is None:
             raise ValueError("init_codes_from_features needs the item features the codes were fitted on")

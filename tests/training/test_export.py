@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from service.bundle import load_bundle
 from service.engine import OnnxBeamEngine
@@ -33,9 +34,12 @@ def test_export_rebuilds_graphs_in_place_with_fresh_digests(tiny_bundle: Path, t
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
 
 
-def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path: Path) -> None:
-    """Both options change the graphs (a history_items input; the decoder's first input reads the
-    newest memory row): the served top-10 must still be torch's, and the reference engine's."""
+@pytest.mark.parametrize("option", ["model.decoder_start_from_history=true", "model.item_head=true"])
+def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path: Path, option: str) -> None:
+    """The options change the graphs (a history_items input; the decoder's first input reads the
+    newest memory row; the item head re-ranks the beam's items in the graph, and the encoder graph
+    returns the reference's item_bonus): the served top-10 must still be torch's, and the reference
+    engine's."""
     from service.reference import ReferenceBeamEngine
     from training.configs import apply_overrides, get_config
     from training.data import make_synthetic_dataset, write_dataset
@@ -43,8 +47,7 @@ def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path
 
     data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
     cfg = apply_overrides(get_config("tiny", str(data_dir)),
-                          ["model.history_item_ids=true", "model.decoder_start_from_history=true",
-                           "train.init_codes_from_features=true"])
+                          ["model.history_item_ids=true", option, "train.init_codes_from_features=true"])
     summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
     check = summary["export_check"]
     assert check["served_top10_equal"] == check["users_checked"] > 0
@@ -53,8 +56,11 @@ def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path
     bundle = load_bundle(Path(summary["bundle"]))
     fast = OnnxBeamEngine(bundle, providers="cpu")
     assert "history_items" in {i.name for i in fast.session.get_inputs()}
+    reference = ReferenceBeamEngine(bundle, providers="cpu")
+    assert ("item_bonus" in reference._encoder_outputs) == (option == "model.item_head=true")
+    assert ("test_codes_only" in summary) == (option == "model.item_head=true")
     histories = [np.array([3, 1, 4]), np.array([59]), np.arange(25) % 60]
     items, scores = fast.search(histories)
-    reference_items, reference_scores = ReferenceBeamEngine(bundle, providers="cpu").search(histories)
+    reference_items, reference_scores = reference.search(histories)
     np.testing.assert_array_equal(items[:, :10], reference_items[:, :10])
     np.testing.assert_allclose(scores[:, :10], reference_scores[:, :10], atol=1e-4)

@@ -10,6 +10,10 @@ from training.item_features import ITEM_FEATURES, item_features
 from training.sasrec import default_artifact_path, load_item_embeddings, save_item_embeddings
 
 
+def no_text() -> np.ndarray:
+    raise AssertionError("collaborative features must not compute text embeddings")
+
+
 @pytest.fixture()
 def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("GENREC_CACHE_DIR", str(tmp_path / "cache"))
@@ -19,7 +23,7 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_text_features_are_the_text_embeddings(cache_dir: Path) -> None:
     dataset = make_synthetic_dataset(n_users=50, n_items=20)
     text = np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32)
-    np.testing.assert_array_equal(item_features("text", text, dataset, seed=0), text)
+    np.testing.assert_array_equal(item_features("text", lambda: text, dataset, seed=0), text)
     assert not cache_dir.exists()  # no SASRec artifact was needed
 
 
@@ -30,7 +34,7 @@ def test_concatenation_uses_the_cached_artifact_with_unit_halves(cache_dir: Path
     collaborative = rng.normal(size=(20, 4)).astype(np.float32)
     save_item_embeddings(default_artifact_path(dataset.name, 0), collaborative, {"dataset": dataset.name})
 
-    both = item_features("text+collaborative", text, dataset, seed=0, collaborative_weight=0.5)
+    both = item_features("text+collaborative", lambda: text, dataset, seed=0, collaborative_weight=0.5)
     assert both.shape == (20, 12)
     np.testing.assert_allclose(np.linalg.norm(both[:, :8], axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(both[:, 8:], axis=1), 0.5, rtol=1e-5)
@@ -44,7 +48,7 @@ def test_a_mismatched_artifact_is_retrained_on_this_catalog(cache_dir: Path) -> 
     path = default_artifact_path(dataset.name, 0)
     save_item_embeddings(path, np.ones((5, 4), dtype=np.float32), {"dataset": dataset.name})  # another catalog's size
 
-    features = item_features("collaborative", np.zeros((24, 8), dtype=np.float32), dataset, seed=0, progress=False)
+    features = item_features("collaborative", no_text, dataset, seed=0, progress=False)
     assert features.shape[0] == 24
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
     retrained, meta = load_item_embeddings(path)
@@ -54,7 +58,7 @@ def test_a_mismatched_artifact_is_retrained_on_this_catalog(cache_dir: Path) -> 
 def test_unknown_kind_names_the_known_ones(cache_dir: Path) -> None:
     dataset = make_synthetic_dataset(n_users=50, n_items=20)
     with pytest.raises(ValueError, match="text\\+collaborative"):
-        item_features("graph", np.zeros((20, 4), dtype=np.float32), dataset, seed=0)
+        item_features("graph", no_text, dataset, seed=0)
 
 
 def test_every_named_configuration_clusters_known_features() -> None:
@@ -77,4 +81,4 @@ def test_shared_inputs_are_prepared_once_for_side_by_side_seeds(cache_dir: Path,
     prepare_shared_inputs(cfg, progress=False)
     embeddings, meta = load_item_embeddings(default_artifact_path(load_dataset(str(folder)).name, 3))
     assert embeddings.shape[0] == 24 and meta["seed"] == 3
-    assert list((cache_dir / "embeddings").iterdir())  # the text embeddings were cached too
+    assert not (cache_dir / "embeddings").exists()  # collaborative codes need no text embeddings

@@ -1,0 +1,69 @@
+"""The item head: trained beside the codes, and ranking what the beam search found."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.beam import rerank_with_item_head
+from training.model import GenerativeRecommender, Seq2SeqConfig
+
+SEMANTIC_IDS = np.array([[0, 1], [0, 2], [1, 0], [2, 2], [3, 1]])
+
+
+def item_head_model(weight: float = 1.0) -> GenerativeRecommender:
+    torch.manual_seed(0)
+    cfg = Seq2SeqConfig(codebook_sizes=[4, 3], d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1,
+                        dropout=0.0, history_item_ids=True, item_count=len(SEMANTIC_IDS), item_head=True,
+                        item_head_weight=weight)
+    model = GenerativeRecommender(cfg)
+    model.set_item_codes(SEMANTIC_IDS)
+    return model.eval()
+
+
+def test_item_tokens_are_the_encoders_item_inputs() -> None:
+    model = item_head_model()
+    items = torch.arange(len(SEMANTIC_IDS))
+    expected = model.embed_history(torch.as_tensor(SEMANTIC_IDS)[None], items[None])[0]
+    torch.testing.assert_close(model.item_tokens(), expected)
+
+
+def test_catalog_codes_must_match_the_configured_catalog() -> None:
+    with pytest.raises(ValueError, match="do not match"):
+        item_head_model().set_item_codes(SEMANTIC_IDS[:3])
+
+
+def test_loss_adds_the_next_items_cross_entropy() -> None:
+    model = item_head_model()
+    items = torch.tensor([[0, 3, 1, 4], [2, 4, 5, 5]])  # 5 = padding
+    mask = items < len(SEMANTIC_IDS)
+    codes = torch.as_tensor(SEMANTIC_IDS)[items.masked_fill(~mask, 0)]
+    loss, targets = model.sequence_loss(codes, mask, items)
+
+    model.cfg.item_head = False
+    codes_loss, _ = model.sequence_loss(codes, mask, items)
+    memory = model.encode(codes[:, :-1], mask[:, :-1], items[:, :-1])
+    batch, position = mask[:, 1:].nonzero(as_tuple=True)
+    item_loss = F.cross_entropy(memory[batch, position] @ model.item_tokens().T, items[:, 1:][batch, position])
+    assert targets == 4
+    torch.testing.assert_close(loss, codes_loss + item_loss)
+
+
+@torch.no_grad()
+def test_rerank_orders_by_codes_plus_weighted_item_log_probs_and_keeps_dead_beams_last() -> None:
+    model = item_head_model(weight=2.0)
+    user_state = torch.randn(2, 16)
+    items = torch.tensor([[4, 0, 2, -1], [1, 3, -1, -1]])
+    scores = torch.tensor([[-1.0, -1.5, -4.0, -1e9], [-0.5, -0.7, -1e9, -1e9]])
+    ranked_items, ranked_scores = rerank_with_item_head(model, user_state, items, scores)
+
+    log_probs = model.item_logits(user_state).log_softmax(-1)
+    for row in range(2):
+        live = items[row] >= 0
+        combined = {int(i): float(s + 2.0 * log_probs[row, i]) for i, s in zip(items[row][live], scores[row][live])}
+        expected = sorted(combined, key=combined.get, reverse=True)
+        assert ranked_items[row, : len(expected)].tolist() == expected
+        assert ranked_items[row, len(expected):].tolist() == [-1] * (4 - len(expected))
+        np.testing.assert_allclose(ranked_scores[row, : len(expected)].numpy(), [combined[i] for i in expected], rtol=1e-6)
+    assert bool((ranked_scores[:, 1:] <= ranked_scores[:, :-1]).all())
