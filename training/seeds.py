@@ -57,7 +57,8 @@ def summarize(summaries: list[dict[str, Any]]) -> dict[str, Any]:
         "wall_s": {"mean": float(np.mean([s["wall_s"] for s in summaries])), "max": max(s["wall_s"] for s in summaries)},
         "epochs_run": [s.get("epochs_run") for s in summaries], "best_epoch": [s.get("best_epoch") for s in summaries],
     }
-    for split in ("valid", "test"):
+    # test_codes_only: models with an item head, ranked by their codes alone
+    for split in [name for name in ("valid", "test", "test_codes_only") if all(name in s for s in summaries)]:
         out[split] = {}
         for metric in METRICS:
             values = np.array([s[split][metric] for s in summaries])
