@@ -163,8 +163,12 @@ class GenerativeRecommender(nn.Module):
             raise ValueError("history_item_ids needs item_count, the catalog size")
         if cfg.item_head and cfg.item_count < 1:
             raise ValueError("item_head needs item_count, the catalog size")
-        # The item head builds each item's token from its codes: set by set_item_codes, saved with the weights.
-        self.register_buffer("item_codes", torch.zeros(cfg.item_count if cfg.item_head else 0, cfg.levels, dtype=torch.long))
+        # The item head builds each item's token from its codes: set by set_item_codes, saved with the
+        # weights. Models without the head have no such buffer, so their older weight files still load.
+        if cfg.item_head:
+            self.register_buffer("item_codes", torch.zeros(cfg.item_count, cfg.levels, dtype=torch.long))
+        else:
+            self.item_codes: torch.Tensor | None = None
         # One row per item and a last one for padding.
         self.item_embeddings = nn.Embedding(cfg.item_count + 1, d) if cfg.history_item_ids else None
         self.relative_bias = nn.Embedding(cfg.max_history, cfg.n_heads)
@@ -190,6 +194,8 @@ class GenerativeRecommender(nn.Module):
 
     def set_item_codes(self, semantic_ids) -> None:
         """semantic_ids (N, L): the catalog's codes, which the item head's item tokens are built from."""
+        if self.item_codes is None:
+            raise ValueError("this model has no item head (model.item_head)")
         codes = torch.as_tensor(semantic_ids, dtype=torch.long, device=self.item_codes.device)
         if codes.shape != self.item_codes.shape:
             raise ValueError(f"semantic IDs {tuple(codes.shape)} do not match this model's catalog {tuple(self.item_codes.shape)}")

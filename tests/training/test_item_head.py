@@ -67,3 +67,10 @@ def test_rerank_orders_by_codes_plus_weighted_item_log_probs_and_keeps_dead_beam
         assert ranked_items[row, len(expected):].tolist() == [-1] * (4 - len(expected))
         np.testing.assert_allclose(ranked_scores[row, : len(expected)].numpy(), [combined[i] for i in expected], rtol=1e-6)
     assert bool((ranked_scores[:, 1:] <= ranked_scores[:, :-1]).all())
+
+
+def test_models_without_the_head_keep_their_weight_names() -> None:
+    """Weight files written before the item head existed must still load."""
+    cfg = Seq2SeqConfig(codebook_sizes=[4, 3], d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1)
+    assert not any("item_codes" in name for name in GenerativeRecommender(cfg).state_dict())
+    assert "item_codes" in item_head_model().state_dict()
