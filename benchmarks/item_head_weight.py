@@ -30,7 +30,7 @@ def item_log_probs_of(model, histories: list[np.ndarray], semantic_ids: np.ndarr
     for start in range(0, len(histories), 512):
         rows = slice(start, start + 512)
         history = history_tensors(model.cfg, *pad_histories(histories[rows], semantic_ids, model.cfg.max_history))
-        log_probs = model.item_logits(model.encode(*history)[:, -1]).log_softmax(-1).numpy()
+        log_probs = model.item_log_probs(model.encode(*history)[:, -1]).numpy()
         found = items[rows]
         out[rows] = np.where(found >= 0, np.take_along_axis(log_probs, np.maximum(found, 0), 1), -np.inf)
     return out

@@ -99,8 +99,7 @@ def rerank_with_item_head(
     """The beam's candidates ranked by codes' log-probability + item_head_weight * the item head's
     log-probability. user_state (B, D); items (B, k), -1 for no item; scores (B, k). Dead beams keep
     their score (<= NEG / 2), so they stay last. -> (items, scores), best first."""
-    item_log_probs = model.item_logits(user_state).log_softmax(-1)  # (B, N)
-    bonus = item_log_probs.gather(1, items.clamp(min=0))
+    bonus = model.item_log_probs(user_state).gather(1, items.clamp(min=0))
     combined = torch.where(items >= 0, scores + model.cfg.item_head_weight * bonus, scores)
     combined, order = combined.topk(items.shape[1], dim=1)
     return items.gather(1, order), combined
@@ -214,7 +213,7 @@ class EncoderGraph(nn.Module):
         memory = self.model.encode(*history)
         if not self.model.cfg.item_head:
             return memory
-        return memory, self.model.cfg.item_head_weight * self.model.item_logits(memory[:, -1]).log_softmax(-1)
+        return memory, self.model.cfg.item_head_weight * self.model.item_log_probs(memory[:, -1])
 
 
 class DecoderGraph(nn.Module):

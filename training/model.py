@@ -212,6 +212,10 @@ class GenerativeRecommender(nn.Module):
         """user_state (S, D) encoder outputs -> (S, N) float32 scores of every item as the next one."""
         return (user_state @ self.item_tokens().T).float()
 
+    def item_log_probs(self, user_state: torch.Tensor) -> torch.Tensor:
+        """user_state (S, D) -> (S, N) the item head's log-probabilities over the catalog."""
+        return self.item_logits(user_state).log_softmax(-1)
+
     def encoder_bias(self, mask: torch.Tensor) -> torch.Tensor:
         """mask (B, T) -> (B, h, T, T): causal, within max_history items, relative bias, no pads."""
         t = mask.shape[1]
