@@ -8,7 +8,7 @@ over rounds. Targets/s counts next-item targets trained (one per (history, next 
 
 Variants: one pass per sequence (every next-item target at once, the training loop's way) against
 one (history, target) pair per sample (the usual sliding-window way); fp32 against bf16 autocast
-(where the CPU has native bf16);
+(where the CPU has native bf16); the model's byte-mask dropout against torch's;
 eager against torch.compile; model sizes; smaller batches (more optimizer steps per epoch for the
 same targets); the share of a step spent building the batch.
 The last line of stdout is one JSON object.
@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import training.model  # noqa: E402
 from training.data import leave_one_out, load_dataset  # noqa: E402
 from training.embeddings import embed_items, get_text_encoder  # noqa: E402
 from training.model import NEG, GenerativeRecommender, Seq2SeqConfig  # noqa: E402
@@ -50,8 +52,9 @@ def pair_loss(model: GenerativeRecommender, history_codes: torch.Tensor, history
 
 class Variant:
     def __init__(self, name: str, cfg: Seq2SeqConfig, batches, *, pairs: bool, bf16: bool, compiled: bool,
-                 steps_scale: int = 1) -> None:
+                 steps_scale: int = 1, dropout=training.model.dropout) -> None:
         torch.manual_seed(0)
+        self.dropout = dropout  # the model's dropout function while this variant runs
         self.name, self.batches, self.pairs, self.bf16 = name, batches, pairs, bf16
         self.steps_scale = steps_scale  # smaller batches take more steps, so every variant sees about as many targets
         self.model = GenerativeRecommender(cfg).train()
@@ -62,6 +65,13 @@ class Variant:
         self.collate_share: list[float] = []
 
     def run(self, steps: int) -> None:
+        loop_dropout, training.model.dropout = training.model.dropout, self.dropout
+        try:
+            self._run(steps)
+        finally:
+            training.model.dropout = loop_dropout
+
+    def _run(self, steps: int) -> None:
         targets, collate_s, start = 0, 0.0, time.perf_counter()
         for _ in range(steps):
             t0 = time.perf_counter()
@@ -142,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     variants += [Variant(f"one pass per sequence, {precision}, batch {size}", main_cfg, feed_of(size), pairs=False,
                          bf16=loop_bf16, compiled=False, steps_scale=BATCH // size) for size in SMALL_BATCHES]
+    variants.append(Variant(f"one pass per sequence, {precision}, torch's dropout (bernoulli_ masks)", main_cfg,
+                            sequence_feed, pairs=False, bf16=loop_bf16, compiled=False,
+                            dropout=lambda x, p, training: F.dropout(x, p, training)))
     if loop_bf16:
         variants.append(Variant("one pass per sequence, fp32", main_cfg, sequence_feed, pairs=False, bf16=False,
                                 compiled=False))
@@ -179,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         # None where the CPU has no native bf16 (the loop runs fp32 and the comparison is skipped).
         "bf16_vs_fp32": round(base / by_name["one pass per sequence, fp32"]["targets_per_s"], 2) if loop_bf16 else None,
         "batch_building_share": by_name[loop_name]["batch_building_share"],
+        "byte_mask_dropout_vs_torch_dropout": round(
+            base / by_name[f"one pass per sequence, {precision}, torch's dropout (bernoulli_ masks)"]["targets_per_s"], 2),
         "d64_2x2_vs_d128_4x4": by_name[f"one pass per sequence, {precision}, d 64, 2+2"]["vs_training_loop"],
         "d256_4x4_vs_d128_4x4": by_name[f"one pass per sequence, {precision}, d 256, 4+4"]["vs_training_loop"],
         **{f"batch{size}_vs_batch{BATCH}": by_name[f"one pass per sequence, {precision}, batch {size}"]["vs_training_loop"]

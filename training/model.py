@@ -18,6 +18,32 @@ from torch import nn
 NEG = -1e9  # finite "minus infinity": keeps softmax and score sums free of NaN
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, but on CPUs the keep mask comes from random bytes (eight per 64-bit draw), so the
+    keep probability is rounded to a multiple of 1/256. Torch's CPU bernoulli_ costs about ten
+    multiplies per element: a quarter of a training step of this model (benchmarks/bench_training.py)."""
+    if not training or p <= 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    drop_below = round(p * 256)
+    if drop_below >= 256:
+        return torch.zeros_like(x)
+    words = torch.empty((x.numel() + 7) // 8, dtype=torch.int64).random_(-(2**63), 2**63 - 1)
+    random_bytes = words.view(torch.uint8)[: x.numel()].view(x.shape)
+    keep = (random_bytes >= drop_below).to(x.dtype).mul_(256 / (256 - drop_below))
+    return x * keep
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
 @dataclass
 class Seq2SeqConfig:
     codebook_sizes: list[int] = field(default_factory=lambda: [256, 256, 256, 8])
@@ -95,7 +121,7 @@ class Attention(nn.Module):
         q = self.split_heads(self.q(x))
         # T5 leaves out the 1/sqrt(d) scaling and relies on init; we keep it for stability at small sizes.
         scores = q @ k.transpose(-1, -2) * (self.head_dim**-0.5) + bias
-        weights = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        weights = dropout(scores.softmax(-1), self.dropout, self.training)
         out = (weights @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
         return self.out(out)
 
@@ -105,7 +131,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(self.dropout(F.gelu(self.up(x))))
@@ -116,7 +142,7 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm1, self.attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.norm2, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
@@ -131,7 +157,7 @@ class DecoderLayer(nn.Module):
         self.norm1, self.self_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.norm2, self.cross_attn = RMSNorm(cfg.d_model), Attention(cfg)
         self.norm3, self.ff = RMSNorm(cfg.d_model), FeedForward(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -179,7 +205,7 @@ class GenerativeRecommender(nn.Module):
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.decoder_layers))
         self.decoder_norm = RMSNorm(d)
         self.heads = nn.ModuleList(nn.Linear(d, v, bias=False) for v in cfg.codebook_sizes)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
         self.apply(self._init)
 
     @staticmethod
