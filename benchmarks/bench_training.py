@@ -34,7 +34,7 @@ from training.embeddings import embed_items, get_text_encoder  # noqa: E402
 from training.model import NEG, GenerativeRecommender, Seq2SeqConfig  # noqa: E402
 from training.pipeline import fit_semantic_ids  # noqa: E402
 from training.tokenizers.base import assign_semantic_ids  # noqa: E402
-from training.train import bf16_autocast_is_fast, collate_sequences, pad_histories, sequence_batches  # noqa: E402
+from training.train import adamw, bf16_autocast_is_fast, collate_sequences, pad_histories, sequence_batches  # noqa: E402
 
 BATCH = 256
 SMALL_BATCHES = (64, 128)  # sequences per step, against the loop's BATCH
@@ -59,7 +59,7 @@ class Variant:
         self.steps_scale = steps_scale  # smaller batches take more steps, so every variant sees about as many targets
         self.model = GenerativeRecommender(cfg).train()
         self.step_fn = torch.compile(self.model, dynamic=True) if compiled and not pairs else self.model
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3)
+        self.optimizer = adamw(self.model.parameters(), 1e-3, 0.05, torch.device("cpu"))
         self.next_batch = 0
         self.rates: list[float] = []
         self.collate_share: list[float] = []

@@ -42,7 +42,7 @@ from torch import nn
 from training.cache import cache_root
 from training.data import Dataset, Splits, item_popularity, leave_one_out, load_dataset
 from training.metrics import topk_metrics
-from training.train import BestOnValidation, bf16_autocast_is_fast, distributed_context, sequence_batches, stop_together
+from training.train import BestOnValidation, adamw, bf16_autocast_is_fast, distributed_context, sequence_batches, stop_together
 
 TOPK = 10  # the largest cutoff of training.metrics.CUTOFFS
 
@@ -258,7 +258,7 @@ def train_sasrec(
     if world > 1:
         trained = nn.parallel.DistributedDataParallel(model)
     windows = training_windows(splits.train_sequences, model_cfg.max_len)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
+    optimizer = adamw(model.parameters(), train_cfg.lr, train_cfg.weight_decay, device)
     use_bf16 = train_cfg.bf16 and bf16_autocast_is_fast(device)
 
     best, curve = BestOnValidation(), []

@@ -232,6 +232,13 @@ def plan_epochs(train_cfg: TrainConfig, elapsed_s: float, epochs_done: int, worl
     return int(plan.item())
 
 
+def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with betas (0.9, 0.98), fused into one kernel where torch has it: on CPU the per-tensor
+    form took about 4x as long per step (50 against 13 ms for the recommender's 3.6M parameters)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98),
+                             fused=device.type in ("cpu", "cuda"))
+
+
 def bf16_autocast_is_fast(device: torch.device) -> bool:
     """bf16 autocast pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX); on an
     AVX2-only CPU oneDNN emulates it: a main-config step took 20 s against 0.43 s in fp32 (~45x)."""
@@ -320,7 +327,7 @@ def train_recommender(
     eval_histories = [valid_histories[i] for i in eval_rows]
     eval_targets = np.asarray(valid_targets)[eval_rows]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay, betas=(0.9, 0.98))
+    optimizer = adamw(model.parameters(), train_cfg.lr, train_cfg.weight_decay, device)
     steps_per_epoch = math.ceil(len(sequences) / train_cfg.batch_size)
     planned_epochs = train_cfg.epochs  # a time budget shortens the plan after each epoch
 

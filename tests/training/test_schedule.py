@@ -1,9 +1,9 @@
-"""A time budget shortens the epoch plan, so the learning-rate decay ends inside the budget."""
+"""A time budget shortens the epoch plan, so the learning-rate decay ends inside the budget; the optimizer."""
 from __future__ import annotations
 
 import torch
 
-from training.train import TrainConfig, plan_epochs
+from training.train import TrainConfig, adamw, plan_epochs
 
 CPU = torch.device("cpu")
 
@@ -20,3 +20,20 @@ def test_a_slower_pace_shortens_the_plan() -> None:
     early = plan_epochs(cfg, elapsed_s=20.0, epochs_done=2, world=1, device=CPU)  # 10 s per epoch
     later = plan_epochs(cfg, elapsed_s=60.0, epochs_done=4, world=1, device=CPU)  # 15 s per epoch
     assert (early, later) == (10, 6)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_form() -> None:
+    torch.manual_seed(0)
+    fused_params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    plain_params = [torch.nn.Parameter(p.detach().clone()) for p in fused_params]
+    fused = adamw(fused_params, 1e-2, 0.05, CPU)
+    plain = torch.optim.AdamW(plain_params, lr=1e-2, weight_decay=0.05, betas=(0.9, 0.98), foreach=False)
+    assert fused.defaults["fused"]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in fused_params]
+        for params, opt in ((fused_params, fused), (plain_params, plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_params, plain_params):
+        assert torch.allclose(a, b, atol=1e-6)
