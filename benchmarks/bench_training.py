@@ -8,8 +8,8 @@ over rounds. Targets/s counts next-item targets trained (one per (history, next 
 
 Variants: one pass per sequence (every next-item target at once, the training loop's way) against
 one (history, target) pair per sample (the usual sliding-window way); fp32 against bf16 autocast
-(where the CPU has native bf16); the model's byte-mask dropout against torch's;
-eager against torch.compile; model sizes; smaller batches (more optimizer steps per epoch for the
+(where the CPU has native bf16); the model's byte-mask dropout against torch's; fused AdamW
+against torch's per-tensor form; eager against torch.compile; model sizes; smaller batches (more optimizer steps per epoch for the
 same targets); the share of a step spent building the batch.
 The last line of stdout is one JSON object.
 """
@@ -52,14 +52,15 @@ def pair_loss(model: GenerativeRecommender, history_codes: torch.Tensor, history
 
 class Variant:
     def __init__(self, name: str, cfg: Seq2SeqConfig, batches, *, pairs: bool, bf16: bool, compiled: bool,
-                 steps_scale: int = 1, dropout=training.model.dropout) -> None:
+                 steps_scale: int = 1, dropout=training.model.dropout, per_tensor_adamw: bool = False) -> None:
         torch.manual_seed(0)
         self.dropout = dropout  # the model's dropout function while this variant runs
         self.name, self.batches, self.pairs, self.bf16 = name, batches, pairs, bf16
         self.steps_scale = steps_scale  # smaller batches take more steps, so every variant sees about as many targets
         self.model = GenerativeRecommender(cfg).train()
         self.step_fn = torch.compile(self.model, dynamic=True) if compiled and not pairs else self.model
-        self.optimizer = adamw(self.model.parameters(), 1e-3, 0.05, torch.device("cpu"))
+        self.optimizer = (torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98))
+                          if per_tensor_adamw else adamw(self.model.parameters(), 1e-3, 0.05, torch.device("cpu")))
         self.next_batch = 0
         self.rates: list[float] = []
         self.collate_share: list[float] = []
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     variants.append(Variant(f"one pass per sequence, {precision}, torch's dropout (bernoulli_ masks)", main_cfg,
                             sequence_feed, pairs=False, bf16=loop_bf16, compiled=False,
                             dropout=lambda x, p, training: F.dropout(x, p, training)))
+    variants.append(Variant(f"one pass per sequence, {precision}, torch's per-tensor AdamW", main_cfg, sequence_feed,
+                            pairs=False, bf16=loop_bf16, compiled=False, per_tensor_adamw=True))
     if loop_bf16:
         variants.append(Variant("one pass per sequence, fp32", main_cfg, sequence_feed, pairs=False, bf16=False,
                                 compiled=False))
@@ -192,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         # None where the CPU has no native bf16 (the loop runs fp32 and the comparison is skipped).
         "bf16_vs_fp32": round(base / by_name["one pass per sequence, fp32"]["targets_per_s"], 2) if loop_bf16 else None,
         "batch_building_share": by_name[loop_name]["batch_building_share"],
+        "fused_adamw_vs_per_tensor_adamw": round(
+            base / by_name[f"one pass per sequence, {precision}, torch's per-tensor AdamW"]["targets_per_s"], 2),
         "byte_mask_dropout_vs_torch_dropout": round(
             base / by_name[f"one pass per sequence, {precision}, torch's dropout (bernoulli_ masks)"]["targets_per_s"], 2),
         "d64_2x2_vs_d128_4x4": by_name[f"one pass per sequence, {precision}, d 64, 2+2"]["vs_training_loop"],
