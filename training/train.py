@@ -240,12 +240,14 @@ def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch
 
 
 def bf16_autocast_is_fast(device: torch.device) -> bool:
-    """bf16 autocast pays off on GPUs and on CPUs with native bf16 (AVX-512 BF16 or AMX); on an
-    AVX2-only CPU oneDNN emulates it: a main-config step took 20 s against 0.43 s in fp32 (~45x)."""
+    """bf16 autocast pays off on GPUs and on CPUs with native bf16 instructions (AVX-512 BF16 or AMX).
+    oneDNN reports bf16 support on any AVX-512 CPU and emulates it there: 0.57x fp32's targets/s on
+    an AVX-512 Xeon without BF16 (benchmarks/bench_training.py), ~45x slower on an AVX2-only CPU."""
     if device.type == "cuda":
         return True
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return bool(native and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
 

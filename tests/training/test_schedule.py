@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from training.train import TrainConfig, adamw, plan_epochs
+from training.train import TrainConfig, adamw, bf16_autocast_is_fast, plan_epochs
 
 CPU = torch.device("cpu")
 
@@ -37,3 +37,11 @@ def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_form() -> None:
             opt.step()
     for a, b in zip(fused_params, plain_params):
         assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)  # oneDNN says yes on any AVX-512
+    for avx512_bf16, amx, expected in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert bf16_autocast_is_fast(CPU) is expected
