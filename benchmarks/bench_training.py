@@ -9,8 +9,8 @@ over rounds. Targets/s counts next-item targets trained (one per (history, next 
 Variants: one pass per sequence (every next-item target at once, the training loop's way) against
 one (history, target) pair per sample (the usual sliding-window way); fp32 against bf16 autocast
 (where the CPU has native bf16); the model's byte-mask dropout against torch's; fused AdamW
-against torch's per-tensor form; eager against torch.compile; model sizes; smaller batches (more optimizer steps per epoch for the
-same targets); the share of a step spent building the batch.
+against torch's per-tensor form; eager against torch.compile; model sizes; smaller batches (more
+optimizer steps per epoch for the same targets); the share of a step spent building the batch.
 The last line of stdout is one JSON object.
 """
 from __future__ import annotations
@@ -59,8 +59,7 @@ class Variant:
         self.steps_scale = steps_scale  # smaller batches take more steps, so every variant sees about as many targets
         self.model = GenerativeRecommender(cfg).train()
         self.step_fn = torch.compile(self.model, dynamic=True) if compiled and not pairs else self.model
-        self.optimizer = (torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.05, betas=(0.9, 0.98))
-                          if per_tensor_adamw else adamw(self.model.parameters(), 1e-3, 0.05, torch.device("cpu")))
+        self.optimizer = adamw(self.model.parameters(), 1e-3, 0.05, torch.device("cpu"), fused=not per_tensor_adamw)
         self.next_batch = 0
         self.rates: list[float] = []
         self.collate_share: list[float] = []
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
                          bf16=loop_bf16, compiled=False, steps_scale=BATCH // size) for size in SMALL_BATCHES]
     variants.append(Variant(f"one pass per sequence, {precision}, torch's dropout (bernoulli_ masks)", main_cfg,
                             sequence_feed, pairs=False, bf16=loop_bf16, compiled=False,
-                            dropout=lambda x, p, training: F.dropout(x, p, training)))
+                            dropout=F.dropout))
     variants.append(Variant(f"one pass per sequence, {precision}, torch's per-tensor AdamW", main_cfg, sequence_feed,
                             pairs=False, bf16=loop_bf16, compiled=False, per_tensor_adamw=True))
     if loop_bf16:
