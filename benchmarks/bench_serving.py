@@ -194,6 +194,13 @@ def interleaved_medians(calls: dict, reps: int) -> dict:
     return {key: float(np.median(t)) for key, t in times.items()}
 
 
+def own_item_table_size(manifest: dict) -> int | None:
+    """The catalog size a model that embeds item ids (history_item_ids, item_head) indexes: its whole
+    search runs only over synthetic catalogs no larger than that. None: the model sees codes alone."""
+    model_cfg = manifest.get("model", {}).get("config", {})
+    return model_cfg.get("item_count") if model_cfg.get("history_item_ids") or model_cfg.get("item_head") else None
+
+
 def trie_scaling(bundle: Bundle, sizes: list[int], work: Path, threads: int, quick: bool, rng) -> list[dict]:
     """Build time and bytes per item of synthetic catalogs; the step time of every depth and (full
     run) the whole search at batch 32, all catalogs timed in turn."""
@@ -204,6 +211,7 @@ def trie_scaling(bundle: Bundle, sizes: list[int], work: Path, threads: int, qui
     sessions = {dense: create_session(export_step_graph(work, bundle.beam_size, max(codebook_sizes), dense),
                                       ["CPUExecutionProvider"], threads) for dense in (True, False)}
     rows, step_calls, engine_calls, engines = [], {}, {}, []
+    tied_items = own_item_table_size(bundle.manifest)
     for n in sizes:
         if n > np.prod(codebook_sizes, dtype=np.float64):
             log(f"  trie {n:>10,d} items: does not fit codebooks {codebook_sizes}, skipped")
@@ -221,7 +229,9 @@ def trie_scaling(bundle: Bundle, sizes: list[int], work: Path, threads: int, qui
                      "layout": layout, "csr_widths": "x".join(map(str, trie.widths))})
         log(f"  trie {n:>10,d} items: generated in {generate_s:.2f} s, built in {build_s:.2f} s, "
             f"{rows[-1]['bytes_per_item']:.1f} B/item")
-        if not quick:  # the whole search over this catalog, with the real model
+        if not quick and tied_items is not None and n > tied_items:
+            log(f"  whole search over {n:,d} items skipped: the model embeds its own {tied_items:,d} item ids")
+        elif not quick:  # the whole search over this catalog, with the real model
             catalog = Bundle(bundle.path, bundle.manifest, ids, [], [], np.zeros(0, np.int64), {})
             engine = OnnxBeamEngine(catalog, providers="cpu", intra_op_threads=threads)
             batch = random_histories(n, 32, rng)
