@@ -164,8 +164,8 @@ class ConstrainedBeamSearch(nn.Module):
 
         x (S, D): the newest position's input, S = B * groups sequences, the `groups` beams of a
         request next to each other. self_kv: per layer the earlier positions' self-attention keys
-        (S, h, hd, t), transposed, and values (S, h, t, hd). cross_kv: per layer the memory's keys
-        (B, h, hd, H), transposed, and values (B, h, H, hd). cross_bias (B, 1, 1, H).
+        and values (S, h, t, hd). cross_kv: per layer the memory's keys (B, h, hd, H), transposed,
+        and values (B, h, H, hd). cross_bias (B, 1, 1, H).
         Returns (hidden (S, D) after the final norm, self_kv with this position appended).
 
         Mirrors DecoderLayer.forward and Attention.attend with every reshape written for one
@@ -175,21 +175,27 @@ class ConstrainedBeamSearch(nn.Module):
         for i, (layer, (cross_keys, cross_values)) in enumerate(zip(self.model.decoder_layers, cross_kv)):
             attn, cross = layer.self_attn, layer.cross_attn
             heads, head_dim = attn.n_heads, attn.head_dim
-            h = layer.norm1(x)
-            q = attn.q(h).reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
-            # Attention.keys_values: the first D outputs of kv are the keys, the next D the values.
             d = heads * head_dim
-            key = nn.functional.linear(h, attn.kv.weight[:d]).reshape(-1, heads, head_dim, 1)  # (S, h, hd, 1)
-            value = nn.functional.linear(h, attn.kv.weight[d:]).reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            # q (scaled by 1/sqrt(hd) here, a constant the export folds), then Attention.keys_values'
+            # keys and values (kv's first D outputs, then the next D): one matmul for all three.
+            scale = head_dim**-0.5
+            qkv = nn.functional.linear(layer.norm1(x), torch.cat([attn.q.weight * scale, attn.kv.weight]))  # (S, 3D)
+            q = qkv[:, :d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            key = qkv[:, d : 2 * d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            value = qkv[:, 2 * d :].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
             if self_kv:
-                key, value = torch.cat([self_kv[i][0], key], dim=-1), torch.cat([self_kv[i][1], value], dim=-2)
+                key, value = torch.cat([self_kv[i][0], key], dim=-2), torch.cat([self_kv[i][1], value], dim=-2)
             new_kv.append((key, value))
-            weights = ((q @ key) * head_dim**-0.5).softmax(-1)  # (S, h, 1, t): earlier positions only, no mask
-            x = x + layer.dropout(attn.out((weights @ value).reshape(-1, heads * head_dim)))
+            # One query over at most L positions: products and sums over rows of hd, not S * h matmuls
+            # of one row (onnxruntime runs a batched MatMul as one small GEMM per head and sequence).
+            weights = (q * key).sum(-1).softmax(-1)  # (S, h, t): earlier positions only, no mask
+            attended = (weights[..., None] * value).sum(-2)  # (S, h, hd)
+            x = x + layer.dropout(attn.out(attended.reshape(-1, d)))
             # Beams of one request share the memory: fold them into the query axis.
-            q = cross.q(layer.norm2(x)).reshape(-1, groups, heads, head_dim).transpose(1, 2)  # (B, h, groups, hd)
-            weights = ((q @ cross_keys) * head_dim**-0.5 + cross_bias).softmax(-1)  # (B, h, groups, H)
-            attended = (weights @ cross_values).transpose(1, 2).reshape(-1, heads * head_dim)  # (S, D)
+            q = nn.functional.linear(layer.norm2(x), cross.q.weight * scale)
+            q = q.reshape(-1, groups, heads, head_dim).transpose(1, 2)  # (B, h, groups, hd)
+            weights = ((q @ cross_keys) + cross_bias).softmax(-1)  # (B, h, groups, H)
+            attended = (weights @ cross_values).transpose(1, 2).reshape(-1, d)  # (S, D)
             x = x + layer.dropout(cross.out(attended))
             x = x + layer.dropout(layer.ff(layer.norm3(x)))
         return self.model.decoder_norm(x), new_kv
