@@ -707,8 +707,9 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
                    "outside_share_service", "outside_share_client", "non_200", "errors"]
         table(f"End to end: HTTP + Redis + micro-batcher {setting} + engine; user_id requests "
               "(history read from Redis)", closed_rows + open_rows, columns)
-        within = [r for r in open_rows if r["p99_ms"] <= P99_BUDGET_MS and r["achieved_rps"] >= 0.95 * r["offered_rps"]
-                  and not r["non_200"] and not r["errors"]]
+        # Kept up: every arrival answered 200 within the p99 budget (achieved against offered rps would
+        # also judge the Poisson draw, a few percent off the rate in a short window).
+        within = [r for r in open_rows if r["p99_ms"] <= P99_BUDGET_MS and r["ok"] == r["sent"]]
         max_rps_within = max((r["achieved_rps"] for r in within), default=0.0)
         # p99 over one window of a few thousand requests swings with every hiccup of a shared
         # machine: 70% of peak is measured twice more and the median of the three windows reported.

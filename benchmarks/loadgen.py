@@ -62,6 +62,7 @@ class LoadResult:
     statuses: dict[int, int] = field(default_factory=dict)
     errors: int = 0
     late_starts: int = 0  # open loop: arrivals the client itself could not send on time (>5 ms)
+    sent: int | None = None  # open loop: arrivals sent (each one answered or counted as an error)
 
     @property
     def ok(self) -> int:
@@ -88,6 +89,7 @@ class LoadResult:
             "non_200": sum(n for s, n in self.statuses.items() if s != 200),
             "errors": self.errors,
             "late_starts": self.late_starts,
+            "sent": self.sent,
         }
 
 
@@ -149,7 +151,7 @@ async def open_loop(host: str, port: int, make_request: RequestFactory, rate: fl
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration_s * 1.2) + 10))
     arrivals = arrivals[arrivals < duration_s]
-    result = LoadResult("open", rate, duration_s)
+    result = LoadResult("open", rate, duration_s, sent=len(arrivals))
     pool = _Pool(host, port, max_connections)
     tasks: list[asyncio.Task] = []
     start = time.perf_counter()
