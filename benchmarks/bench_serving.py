@@ -662,13 +662,13 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
     else:
         # Each setting: its peak, then open-loop Poisson arrivals at 70% of that peak. The chosen one
         # meets both targets (p99 <= 50 ms at 70% of its own peak, outside share <= 0.25 at peak)
-        # with the most requests/s; failing that, the one meeting p99 with the lowest outside share;
+        # with the widest p99 margin; failing that, the one meeting p99 with the lowest outside share;
         # failing that, the lowest p99. Larger batches and a short window raise the peak and cut the
         # share outside the engine; smaller ones cut the engine call and so the tail at 70%.
         # One worker more than cores: while one batch's clients are between answer and next request,
         # the other batches keep every core computing (at one round in flight, cores workers leave a gap).
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t}
-                for w in sorted({1, cores, cores + 1}) for b in (4, 8, 16) for t in (0.0, 2.0)]
+                for w in sorted({1, cores, cores + 1}) for b in (4, 8, 16) for t in (0.0, 2.0, 5.0)]
         grid = [g for g in grid if all(fixed[k] is None or g[k] == fixed[k] for k in g)]
         tuning_rows = []
         for setting in grid:
@@ -676,13 +676,19 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
             try:
                 make = request_factory(svc.port, user_ids, seed=setting["max_batch_size"])
                 peak_row, _ = find_peak(svc, make, setting, 3.0)
-                at70 = measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=setting["max_batch_size"])
+                windows = [measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=setting["max_batch_size"])]
+                share = peak_row.get("outside_share_service")
+                if windows[0]["p99_ms"] <= P99_BUDGET_MS and share is not None and share <= OUTSIDE_SHARE_TARGET:
+                    # One lucky 5-s window must not decide: a candidate is judged by the worse of two.
+                    windows.append(measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=100 + setting["max_batch_size"]))
             finally:
                 svc.stop()
+            at70 = max(windows, key=lambda r: r["p99_ms"])
             tuning_rows.append(setting | {"peak_rps": peak_row["achieved_rps"], "peak_p99_ms": peak_row["p99_ms"],
                                           "outside_share_at_peak": peak_row.get("outside_share_service"),
                                           "rps_at_70pct": at70["achieved_rps"], "p50_ms_at_70pct": at70["p50_ms"],
-                                          "p99_ms_at_70pct": at70["p99_ms"], "mean_batch_at_70pct": at70.get("mean_batch")})
+                                          "p99_ms_at_70pct": at70["p99_ms"], "mean_batch_at_70pct": at70.get("mean_batch"),
+                                          "p99_ms_at_70pct_windows": [round(r["p99_ms"], 1) for r in windows]})
             log(f"  {setting}: peak {peak_row['achieved_rps']:.0f} req/s, outside share "
                 f"{_fmt(peak_row.get('outside_share_service'))}; at 70% p99 {at70['p99_ms']:.1f} ms")
         table("Micro-batcher settings (peak: closed loop; then open loop at 70% of that peak)", tuning_rows)
@@ -743,14 +749,16 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
 
 
 def choose_setting(rows: list[dict]) -> dict:
-    """Both e2e targets met: the most requests/s; else p99 met: the lowest outside share; else the lowest p99."""
+    """Both e2e targets met: the lowest p99 at 70% (the widest margin: the final measurement's fresh
+    windows at a shared machine's other moments must still meet it, which the highest-rps candidate,
+    nearest its knee, most often did not); else p99 met: the lowest outside share; else the lowest p99."""
     def share(r: dict) -> float:
         return 1.0 if r.get("outside_share_at_peak") is None else r["outside_share_at_peak"]
 
     meets_p99 = [r for r in rows if r["p99_ms_at_70pct"] <= P99_BUDGET_MS]
     meets_both = [r for r in meets_p99 if share(r) <= OUTSIDE_SHARE_TARGET]
     if meets_both:
-        return max(meets_both, key=lambda r: r["rps_at_70pct"])
+        return min(meets_both, key=lambda r: r["p99_ms_at_70pct"])
     if meets_p99:
         return min(meets_p99, key=share)
     return min(rows, key=lambda r: r["p99_ms_at_70pct"])

@@ -31,3 +31,19 @@ def test_models_that_embed_item_ids_are_limited_to_their_item_table(bench_servin
 
 def test_a_manifest_without_model_config_has_no_limit(bench_serving):
     assert bench_serving.own_item_table_size({}) is None
+
+
+def _setting(p99: float, share: float | None, rps: float) -> dict:
+    return {"p99_ms_at_70pct": p99, "outside_share_at_peak": share, "rps_at_70pct": rps}
+
+
+def test_the_sweep_chooses_the_widest_p99_margin_among_settings_meeting_both_targets(bench_serving):
+    rows = [_setting(49.0, 0.20, 700.0), _setting(30.0, 0.24, 500.0), _setting(20.0, 0.40, 900.0)]
+    assert bench_serving.choose_setting(rows) is rows[1]
+
+
+def test_without_both_targets_met_the_sweep_takes_p99_first_then_the_lowest_p99(bench_serving):
+    p99_only = [_setting(45.0, 0.50, 700.0), _setting(40.0, 0.30, 500.0), _setting(80.0, 0.10, 900.0)]
+    assert bench_serving.choose_setting(p99_only) is p99_only[1]
+    neither = [_setting(70.0, 0.10, 900.0), _setting(60.0, None, 500.0)]
+    assert bench_serving.choose_setting(neither) is neither[1]
