@@ -677,8 +677,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
                 make = request_factory(svc.port, user_ids, seed=setting["max_batch_size"])
                 peak_row, _ = find_peak(svc, make, setting, 3.0)
                 windows = [measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=setting["max_batch_size"])]
-                share = peak_row.get("outside_share_service")
-                if windows[0]["p99_ms"] <= P99_BUDGET_MS and share is not None and share <= OUTSIDE_SHARE_TARGET:
+                if meets_both_targets(windows[0]["p99_ms"], peak_row.get("outside_share_service")):
                     # One lucky 5-s window must not decide: a candidate is judged by the worse of two.
                     windows.append(measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=100 + setting["max_batch_size"]))
             finally:
@@ -748,6 +747,12 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
     }}
 
 
+def meets_both_targets(p99_ms_at_70pct: float, outside_share_at_peak: float | None) -> bool:
+    """The end-to-end bar: p99 <= 50 ms at 70% of peak and <= 25% of the time outside the engine at peak."""
+    return (p99_ms_at_70pct <= P99_BUDGET_MS and outside_share_at_peak is not None
+            and outside_share_at_peak <= OUTSIDE_SHARE_TARGET)
+
+
 def choose_setting(rows: list[dict]) -> dict:
     """Both e2e targets met: the lowest p99 at 70% (the widest margin: the final measurement's fresh
     windows at a shared machine's other moments must still meet it, which the highest-rps candidate,
@@ -756,7 +761,7 @@ def choose_setting(rows: list[dict]) -> dict:
         return 1.0 if r.get("outside_share_at_peak") is None else r["outside_share_at_peak"]
 
     meets_p99 = [r for r in rows if r["p99_ms_at_70pct"] <= P99_BUDGET_MS]
-    meets_both = [r for r in meets_p99 if share(r) <= OUTSIDE_SHARE_TARGET]
+    meets_both = [r for r in rows if meets_both_targets(r["p99_ms_at_70pct"], r.get("outside_share_at_peak"))]
     if meets_both:
         return min(meets_both, key=lambda r: r["p99_ms_at_70pct"])
     if meets_p99:
