@@ -345,7 +345,8 @@ class Service:
                 elif sample.name in ("genrec_request_duration_seconds_sum", "genrec_request_duration_seconds_count"):
                     if labels.get("endpoint") == "/recommend":
                         out[f"{sample.name.rsplit('_', 1)[1]}:request"] = sample.value
-                elif sample.name in ("genrec_batch_size_sum", "genrec_batch_size_count", "genrec_queue_wait_seconds_sum"):
+                elif sample.name in ("genrec_batch_size_sum", "genrec_batch_size_count", "genrec_queue_wait_seconds_sum",
+                                     "genrec_engine_compute_seconds_sum", "genrec_engine_compute_seconds_count"):
                     out[sample.name] = sample.value
                 elif sample.name == "genrec_rejections_total":
                     out["rejections"] = out.get("rejections", 0.0) + sample.value
@@ -369,6 +370,8 @@ def breakdown(before: dict[str, float], after: dict[str, float], client_mean_ms:
         "service_ms": request_ms, "history_ms": per["history"], "queue_ms": per["queue"], "engine_ms": per["engine"],
         "response_ms": per["response"],
         "mean_batch": d.get("genrec_batch_size_sum", 0.0) / batches if batches else None,
+        # per batch, inside the worker thread; engine_ms is per request, as the event loop saw it
+        "compute_ms_per_batch": 1e3 * d.get("genrec_engine_compute_seconds_sum", 0.0) / batches if batches else None,
         "outside_share_service": 1.0 - per["engine"] / request_ms if request_ms > 0 else None,
         "outside_share_client": 1.0 - per["engine"] / client_mean_ms if client_mean_ms > 0 else None,
         "rejections": d.get("rejections", 0.0),

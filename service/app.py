@@ -5,6 +5,7 @@ import asyncio
 import gc
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -69,6 +70,9 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
 async def start_serving(
     settings: Settings, metrics: ServiceMetrics, history_store: HistoryStore | None, state: AppState
 ) -> Serving:
+    # An engine thread needs the GIL to start a batch and to hand back its result; a busy event loop
+    # gives it up only every switch interval (Python's default 5 ms, longer than a small batch's run).
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
     bundle = await asyncio.to_thread(load_bundle, settings.resolved_bundle_dir())
     max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
@@ -84,6 +88,7 @@ async def start_serving(
         max_queue_size=settings.max_queue_size,
         engine_workers=settings.engine_workers,
         engine_nice=settings.engine_nice,
+        pin_engine_threads=settings.pin_engine_threads,
         metrics=metrics,
     )
     await batcher.start()

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -126,6 +127,34 @@ def lower_thread_priority(nice: int) -> None:
         log.warning("could not lower the engine thread's priority: %s", error)
 
 
+class EngineThreadSetup:
+    """Initializer of the engine worker threads: lower their priority and, when pinning, give worker
+    i the i-th CPU the process may use (round robin). pin=None pins when those CPUs are no more than
+    the workers. Unpinned, the scheduler balances threads by nice weight, so a nice-10 engine thread
+    can share a core with the event loop or a client while the other core idles and run at a tenth
+    of its speed; pinned, each batch keeps a core of its own (the event loop still preempts it)."""
+
+    def __init__(self, nice: int, pin: bool | None, workers: int) -> None:
+        self.nice = nice
+        can_pin = hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")
+        self.pin = can_pin and (pin if pin is not None else len(os.sched_getaffinity(0)) <= workers)
+        self._started = 0
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        lower_thread_priority(self.nice)
+        if not self.pin:
+            return
+        with self._lock:
+            index = self._started
+            self._started += 1
+        try:
+            cpus = sorted(os.sched_getaffinity(0))
+            os.sched_setaffinity(0, {cpus[index % len(cpus)]})  # 0: this thread only, on Linux
+        except OSError as error:  # a sandbox may forbid it; serving goes on unpinned
+            log.warning("could not pin the engine thread to a CPU: %s", error)
+
+
 class MicroBatcher:
     def __init__(
         self,
@@ -136,6 +165,7 @@ class MicroBatcher:
         max_queue_size: int,
         engine_workers: int = 1,
         engine_nice: int = 0,
+        pin_engine_threads: bool | None = False,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -148,7 +178,7 @@ class MicroBatcher:
         self._metrics = metrics
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
         self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine",
-                                            initializer=lower_thread_priority, initargs=(engine_nice,))
+                                            initializer=EngineThreadSetup(engine_nice, pin_engine_threads, engine_workers))
         # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
         self._free_workers = asyncio.Semaphore(engine_workers)
         self._running: set[asyncio.Task[None]] = set()
@@ -279,11 +309,19 @@ class MicroBatcher:
             for request in batch:
                 self._metrics.queue_wait.observe(started_at - request.enqueued_at)
         try:
-            item_indices, scores = await loop.run_in_executor(self._executor, self.engine.search, batch.histories)
+            item_indices, scores = await loop.run_in_executor(self._executor, self._search, batch.histories)
         except Exception as error:
             batch.fail(error)
             raise
         batch.complete(item_indices, scores, started_at, loop.time() - started_at)
+
+    def _search(self, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Runs in an engine worker thread."""
+        started = time.perf_counter()
+        result = self.engine.search(histories)
+        if self._metrics is not None:
+            self._metrics.engine_compute.observe(time.perf_counter() - started)
+        return result
 
     def _reject(self, reason: str) -> None:
         if self._metrics is not None:

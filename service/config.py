@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     # Nice value added to the engine worker threads (Linux): the event loop, which reads requests,
     # Redis replies and sends answers, then never waits behind a computing batch. 0 -> same priority.
     engine_nice: int = Field(10, ge=0, le=19)
+    # Pin engine worker i to the i-th CPU this process may use (Linux). Unset: pin when the process
+    # may use no more CPUs than there are engine workers (a small machine or a cpuset of its own);
+    # on a large host shared through a CPU quota the scheduler places the threads better.
+    pin_engine_threads: bool | None = None
+    # How long the event loop may hold the GIL while an engine thread waits for it (Python's switch
+    # interval, 5 ms by default): a batch needs the GIL to start and to hand back its result.
+    gil_switch_interval_ms: float = Field(1.0, gt=0)
     # onnxruntime intra-op threads per batch; 0 -> the cores divided among the engine workers.
     intra_op_threads: int = Field(0, ge=0)
     # One log line per HTTP request; off by default because /metrics already counts requests and

@@ -37,6 +37,12 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "genrec_batch_size", "Requests per engine call", buckets=BATCH_SIZE_BUCKETS, registry=r
         )
+        # Against the "engine" stage (dispatch to result seen by the event loop), the difference is
+        # thread hand-off and how long a busy event loop took to notice the finished batch.
+        self.engine_compute = Histogram(
+            "genrec_engine_compute_seconds", "Time an engine call takes inside its worker thread",
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
         self.queue_size = Gauge("genrec_queue_size", "Requests waiting for the engine", registry=r)
         self.rejections = Counter(
             "genrec_rejections_total", "Requests refused before the engine answered", ["reason"], registry=r

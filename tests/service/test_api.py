@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,15 @@ def test_ready_only_inside_the_lifespan(demo_bundle_dir: Path) -> None:
         assert inside.get("/health/ready").json() == {"status": "ready", "reason": None}
     after = outside.get("/health/ready")
     assert after.status_code == 503 and "draining" in after.json()["reason"]
+
+
+def test_startup_sets_the_gil_switch_interval(demo_bundle_dir: Path) -> None:
+    before = sys.getswitchinterval()
+    try:
+        with TestClient(create_app(make_settings(demo_bundle_dir, gil_switch_interval_ms=2.5))):
+            assert sys.getswitchinterval() == pytest.approx(0.0025)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_info_says_what_is_served(client: TestClient, demo_bundle: Bundle) -> None:

@@ -241,3 +241,54 @@ def test_engine_threads_run_below_the_event_loop_priority() -> None:
         assert engine.nice == min(19, loop_nice + 5)
 
     asyncio.run(main())
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="CPU affinity is a Linux call; elsewhere pinning is off")
+@pytest.mark.parametrize("pin", [True, False])
+def test_pinned_engine_workers_each_get_one_of_the_allowed_cpus(pin: bool) -> None:
+    class AffinityRecordingEngine(FakeEngine):
+        def search(self, histories):
+            self.affinities[threading.get_native_id()] = os.sched_getaffinity(0)
+            return super().search(histories)
+
+    allowed = sorted(os.sched_getaffinity(0))
+
+    async def main() -> None:
+        engine = AffinityRecordingEngine()
+        engine.affinities = {}
+        engine.release.clear()
+        batcher = make_batcher(engine, max_batch_size=1, max_wait_ms=0, engine_workers=2, pin_engine_threads=pin)
+        await batcher.start()
+        tasks = []
+        for i in range(2):  # hold the first batch so the second one needs the other worker thread
+            tasks.append(asyncio.create_task(batcher.submit(np.array([i]), deadline_in(10))))
+            while engine.in_flight < i + 1:
+                await asyncio.sleep(0.005)
+        engine.release.set()
+        await asyncio.gather(*tasks)
+        await batcher.close(1.0)
+        cpu_sets = list(engine.affinities.values())
+        assert len(cpu_sets) == 2  # two worker threads
+        if pin:
+            assert sorted(cpu_sets, key=min) == [{allowed[0]}, {allowed[1 % len(allowed)]}]
+        else:
+            assert cpu_sets == [set(allowed)] * 2
+        assert os.sched_getaffinity(0) == set(allowed)  # the event loop's thread is never pinned
+
+    asyncio.run(main())
+
+
+def test_engine_compute_time_is_measured_inside_the_worker_thread() -> None:
+    async def main() -> None:
+        engine = FakeEngine(delay_s=0.02)
+        metrics = ServiceMetrics()
+        batcher = MicroBatcher(engine, max_batch_size=4, max_wait_ms=1, max_queue_size=4, metrics=metrics)
+        await batcher.start()
+        result = await batcher.submit(np.array([1]), deadline_in(5))
+        await batcher.close(1.0)
+        registry = metrics.registry
+        assert registry.get_sample_value("genrec_engine_compute_seconds_count") == 1
+        compute_s = registry.get_sample_value("genrec_engine_compute_seconds_sum")
+        assert 0.02 <= compute_s <= result.engine_s  # the loop sees the call end no earlier than the thread
+
+    asyncio.run(main())

@@ -55,3 +55,29 @@ def test_open_loop_failures_leave_ok_short_of_sent(loadgen) -> None:
     result = asyncio.run(_serve_then_load(loadgen, fail_every=4, rate=200.0, seconds=0.5))
     assert result.ok < result.sent
     assert result.ok + result.statuses.get(500, 0) == result.sent
+
+
+def test_the_pool_retires_connections_idle_past_the_servers_keep_alive(loadgen, monkeypatch) -> None:
+    async def main() -> tuple[bool, int]:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # hold the connection until the client closes it
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            pool = loadgen._Pool("127.0.0.1", port, limit=4)
+            first = await pool.acquire()
+            await pool.release(first)
+            assert await pool.acquire() is first  # idle for less than MAX_IDLE_S: reused
+            await pool.release(first)
+            monkeypatch.setattr(loadgen, "MAX_IDLE_S", 0.0)
+            second = await pool.acquire()
+            opened = pool.opened
+            second.close()
+            pool.close()
+            return second is not first, opened
+
+    replaced, opened = asyncio.run(main())
+    assert replaced
+    assert opened == 1  # the stale one was closed and no longer counts against the limit
