@@ -711,7 +711,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
             open_rows.append(row)
             log(f"  open loop {f:.0%} of peak ({f * peak:.0f} req/s): p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms")
         columns = ["mode", "workers", "fraction_of_peak", "offered_rps", "achieved_rps", "p50_ms", "p99_ms", "mean_ms",
-                   "service_ms", "history_ms", "queue_ms", "engine_ms", "response_ms", "mean_batch",
+                   "service_ms", "history_ms", "queue_ms", "engine_ms", "response_ms", "mean_batch", "compute_ms_per_batch",
                    "outside_share_service", "outside_share_client", "non_200", "errors"]
         table(f"End to end: HTTP + Redis + micro-batcher {setting} + engine; user_id requests "
               "(history read from Redis)", closed_rows + open_rows, columns)

@@ -150,7 +150,9 @@ class EngineThreadSetup:
             self._started += 1
         try:
             cpus = sorted(os.sched_getaffinity(0))
-            os.sched_setaffinity(0, {cpus[index % len(cpus)]})  # 0: this thread only, on Linux
+            cpu = cpus[index % len(cpus)]
+            os.sched_setaffinity(0, {cpu})  # 0: this thread only, on Linux
+            log.info("engine worker %d pinned to CPU %d", index, cpu)
         except OSError as error:  # a sandbox may forbid it; serving goes on unpinned
             log.warning("could not pin the engine thread to a CPU: %s", error)
 
