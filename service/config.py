@@ -30,8 +30,9 @@ class Settings(BaseSettings):
     max_history: int | None = Field(None, ge=1)
     # A micro-batch closes when it has this many requests...
     max_batch_size: int = Field(8, ge=1)
-    # ...or when its first request has waited this long. Defaults: the `make bench-serving` sweep's
-    # choice on 2 CPU cores (AVX2; the highest peak with <= 25% of the time outside the engine);
+    # ...or when its first request has waited this long. Defaults (with 2 engine workers): the most
+    # req/s within a 50 ms p99 in `make bench-serving` on 2 CPU cores (307 against 199-228 for the
+    # sweep's 1 worker / batch 4, which meets the targets relative to its own, lower peak; README);
     # a GPU wants far larger batches.
     max_wait_ms: float = Field(2.0, ge=0)
     # Requests waiting for the engine beyond this many -> 429.
