@@ -37,7 +37,7 @@ from catalogs import synthetic_semantic_ids  # noqa: E402
 from flops import machine_matmul_flops, matmul_flops  # noqa: E402
 
 from service.bundle import Bundle, load_bundle  # noqa: E402
-from service.config import Settings, find_newest_bundle  # noqa: E402
+from service.config import Settings, engine_threads_per_worker, find_newest_bundle  # noqa: E402
 from service.engine import OnnxBeamEngine, create_session, graph_trie_feeds  # noqa: E402
 from service.trie import build_trie  # noqa: E402
 
@@ -640,7 +640,8 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         svc = Service(served, redis_url, work, {
             "GENREC_MAX_BATCH_SIZE": str(setting["max_batch_size"]), "GENREC_MAX_WAIT_MS": str(setting["max_wait_ms"]),
             "GENREC_ENGINE_WORKERS": str(setting["engine_workers"]),
-            "GENREC_INTRA_OP_THREADS": str(max(1, cores // setting["engine_workers"])), "GENREC_MAX_QUEUE_SIZE": "1024"})
+            "GENREC_INTRA_OP_THREADS": str(engine_threads_per_worker(setting["engine_workers"], cores)),
+            "GENREC_MAX_QUEUE_SIZE": "1024"})
         svc.wait_ready()
         return svc
 
@@ -746,7 +747,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         "max_load_rps": round(closed_rows[-1]["achieved_rps"], 1),
         "locust_rps": round(locust.get("Aggregated", {}).get("rps", 0.0), 1),
         "locust_p99_ms": locust.get("Aggregated", {}).get("p99_ms"),
-        **setting, "intra_op_threads": max(1, cores // setting["engine_workers"]),
+        **setting, "intra_op_threads": engine_threads_per_worker(setting["engine_workers"], cores),
     }}
 
 

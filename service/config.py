@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     # How long the event loop may hold the GIL while an engine thread waits for it (Python's switch
     # interval, 5 ms by default): a batch needs the GIL to start and to hand back its result.
     gil_switch_interval_ms: float = Field(1.0, gt=0)
-    # onnxruntime intra-op threads per batch; 0 -> the cores divided among the engine workers.
+    # onnxruntime intra-op threads per batch; 0 -> engine_threads_per_worker (below).
     intra_op_threads: int = Field(0, ge=0)
     # One log line per HTTP request; off by default because /metrics already counts requests and
     # formatting the line costs CPU the engine needs on small machines.
@@ -70,6 +70,15 @@ class Settings(BaseSettings):
         if self.bundle_dir is not None:
             return self.bundle_dir
         return find_newest_bundle(self.models_root)
+
+
+def engine_threads_per_worker(engine_workers: int, cores: int) -> int:
+    """onnxruntime threads per engine worker when `intra_op_threads` is unset: several workers split
+    the cores; a single one leaves a core to the event loop, which a second onnxruntime thread would
+    contend with for about 10% more engine speed (p99 at 70% of peak 28-39 ms against 38-63 on 2 cores)."""
+    if engine_workers == 1 and cores > 1:
+        return cores - 1
+    return max(1, cores // engine_workers)
 
 
 def find_newest_bundle(models_root: Path) -> Path:

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.batcher import DeadlineExceeded, QueueFull
 from service.bundle import Bundle, sha256_file
-from service.config import Settings
+from service.config import Settings, engine_threads_per_worker
 from service.history import HistoryStore
 from tests.service.conftest import StoppableRedis
 
@@ -52,6 +52,11 @@ def test_ready_only_inside_the_lifespan(demo_bundle_dir: Path) -> None:
         assert inside.get("/health/ready").json() == {"status": "ready", "reason": None}
     after = outside.get("/health/ready")
     assert after.status_code == 503 and "draining" in after.json()["reason"]
+
+
+@pytest.mark.parametrize(("workers", "cores", "threads"), [(1, 1, 1), (1, 2, 1), (1, 8, 7), (2, 2, 1), (3, 2, 1), (2, 8, 4)])
+def test_one_engine_worker_leaves_a_core_to_the_event_loop_several_split_the_cores(workers, cores, threads) -> None:
+    assert engine_threads_per_worker(workers, cores) == threads
 
 
 def test_startup_sets_the_gil_switch_interval(demo_bundle_dir: Path) -> None:
