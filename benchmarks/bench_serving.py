@@ -669,6 +669,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # with the widest p99 margin; failing that, the one meeting p99 with the lowest outside share;
         # failing that, the lowest p99. Larger batches and a short window raise the peak and cut the
         # share outside the engine; smaller ones cut the engine call and so the tail at 70%.
+        # Threads per worker: engine_threads_per_worker (one worker leaves a core to the event loop).
         # One worker more than cores: while one batch's clients are between answer and next request,
         # the other batches keep every core computing (at one round in flight, cores workers leave a gap).
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t}
@@ -679,21 +680,29 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
             svc = run_service(setting)
             try:
                 make = request_factory(svc.port, user_ids, seed=setting["max_batch_size"])
-                peak_row, _ = find_peak(svc, make, setting, 3.0)
-                windows = [measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=setting["max_batch_size"])]
-                if meets_both_targets(windows[0]["p99_ms"], peak_row.get("outside_share_service")):
-                    # One lucky 5-s window must not decide: a candidate is judged by the worse of two.
-                    windows.append(measure(svc, make, "open", 0.7 * peak_row["achieved_rps"], 5.0, seed=100 + setting["max_batch_size"]))
+                peaks = [find_peak(svc, make, setting, 3.0)[0]]
+                windows = [measure(svc, make, "open", 0.7 * peaks[0]["achieved_rps"], 5.0, seed=setting["max_batch_size"])]
+                if meets_both_targets(windows[0]["p99_ms"], peaks[0].get("outside_share_service")):
+                    # One lucky pass must not decide: the knee (and with it the share outside the engine)
+                    # and the tail both move between windows, so a candidate is measured again, peak
+                    # and 70% window, and judged by the worse of each.
+                    peaks.append(find_peak(svc, make, setting, 3.0)[0])
+                    windows.append(measure(svc, make, "open", 0.7 * min(p["achieved_rps"] for p in peaks), 5.0,
+                                           seed=100 + setting["max_batch_size"]))
             finally:
                 svc.stop()
+            peak_row = min(peaks, key=lambda r: r["achieved_rps"])
+            shares = [p.get("outside_share_service") for p in peaks]
+            worst_share = None if None in shares else max(shares)
             at70 = max(windows, key=lambda r: r["p99_ms"])
             tuning_rows.append(setting | {"peak_rps": peak_row["achieved_rps"], "peak_p99_ms": peak_row["p99_ms"],
-                                          "outside_share_at_peak": peak_row.get("outside_share_service"),
+                                          "outside_share_at_peak": worst_share,
+                                          "outside_share_at_peak_windows": [_round(x) for x in shares],
                                           "rps_at_70pct": at70["achieved_rps"], "p50_ms_at_70pct": at70["p50_ms"],
                                           "p99_ms_at_70pct": at70["p99_ms"], "mean_batch_at_70pct": at70.get("mean_batch"),
                                           "p99_ms_at_70pct_windows": [round(r["p99_ms"], 1) for r in windows]})
             log(f"  {setting}: peak {peak_row['achieved_rps']:.0f} req/s, outside share "
-                f"{_fmt(peak_row.get('outside_share_service'))}; at 70% p99 {at70['p99_ms']:.1f} ms")
+                f"{_fmt(worst_share)}; at 70% p99 {at70['p99_ms']:.1f} ms")
         table("Micro-batcher settings (peak: closed loop; then open loop at 70% of that peak)", tuning_rows)
         chosen = choose_setting(tuning_rows)
         setting = {k: chosen[k] for k in ("engine_workers", "max_batch_size", "max_wait_ms")}
