@@ -669,7 +669,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # with the widest p99 margin; failing that, the one meeting p99 with the lowest outside share;
         # failing that, the lowest p99. Larger batches and a short window raise the peak and cut the
         # share outside the engine; smaller ones cut the engine call and so the tail at 70%.
-        # Threads per worker: engine_threads_per_worker (one worker leaves a core to the event loop).
+        # Threads per worker: engine_threads_per_worker (the workers split the cores).
         # One worker more than cores: while one batch's clients are between answer and next request,
         # the other batches keep every core computing (at one round in flight, cores workers leave a gap).
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t}

@@ -73,11 +73,10 @@ class Settings(BaseSettings):
 
 
 def engine_threads_per_worker(engine_workers: int, cores: int) -> int:
-    """onnxruntime threads per engine worker when `intra_op_threads` is unset: several workers split
-    the cores; a single one leaves a core to the event loop, which a second onnxruntime thread would
-    contend with for about 10% more engine speed (p99 at 70% of peak 28-39 ms against 38-63 on 2 cores)."""
-    if engine_workers == 1 and cores > 1:
-        return cores - 1
+    """onnxruntime threads per engine worker when `intra_op_threads` is unset: the workers split the
+    cores. (A single worker on cores - 1 threads, leaving one to the event loop, cut p99 at 70% of
+    peak on 2 cores, 28-39 ms against 38-63, but lowered its throughput at one round of batches in
+    flight to 76-85% of its best, which moved the knee and tripled the share outside the engine.)"""
     return max(1, cores // engine_workers)
 
 
