@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import sys
@@ -137,20 +138,17 @@ class EngineThreadSetup:
     def __init__(self, nice: int, pin: bool | None, workers: int) -> None:
         self.nice = nice
         can_pin = hasattr(os, "sched_getaffinity") and hasattr(os, "sched_setaffinity")
-        self.pin = can_pin and (pin if pin is not None else len(os.sched_getaffinity(0)) <= workers)
-        self._started = 0
-        self._lock = threading.Lock()
+        self.cpus = sorted(os.sched_getaffinity(0)) if can_pin else []
+        self.pin = can_pin and (pin if pin is not None else len(self.cpus) <= workers)
+        self._worker_index = itertools.count()  # next() is atomic under the GIL
 
     def __call__(self) -> None:
         lower_thread_priority(self.nice)
         if not self.pin:
             return
-        with self._lock:
-            index = self._started
-            self._started += 1
+        index = next(self._worker_index)
+        cpu = self.cpus[index % len(self.cpus)]
         try:
-            cpus = sorted(os.sched_getaffinity(0))
-            cpu = cpus[index % len(cpus)]
             os.sched_setaffinity(0, {cpu})  # 0: this thread only, on Linux
             log.info("engine worker %d pinned to CPU %d", index, cpu)
         except OSError as error:  # a sandbox may forbid it; serving goes on unpinned
