@@ -133,6 +133,92 @@ def time_engine(engine, histories: list[np.ndarray], batch: int, seconds: float,
             "p99_ms": float(np.percentile(lat, 99)), "calls": len(lat)}
 
 
+def engine_alone(bundle: Bundle, histories: list[np.ndarray], providers: str, threads: int, quick: bool):
+    """Engine throughput and latency per batch size. On CPU two layouts of the same cores: one run at
+    a time on every thread, or one run per core side by side (the service's engine workers); the
+    better one at each batch size counts. On CUDA one run at a time on the device."""
+    engine = OnnxBeamEngine(bundle, providers=providers, intra_op_threads=threads)
+    if providers == "cuda":
+        if engine.device != "cuda":
+            sys.exit(f"bench_serving: asked for CUDA but onnxruntime runs on {engine.provider}; install the gpu extra")
+        layouts, batch_sizes = ((engine, 1),), [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+        engine_per_core = None
+    else:
+        engine_per_core = OnnxBeamEngine(bundle, providers="cpu", intra_op_threads=1)
+        layouts = ((engine, 1), (engine_per_core, threads)) if threads > 1 else ((engine, 1),)
+        batch_sizes = [1, 4, 8, 32, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
+    rows = []
+    for b in batch_sizes:
+        for eng, workers in layouts:
+            rows.append(time_engine(eng, histories, b, 0.6 if quick else 2.0, workers=workers))
+            log(f"  engine batch {b:>3} x {workers} worker(s): {rows[-1]['rps']:.0f} req/s, p99 {rows[-1]['p99_ms']:.1f} ms")
+    return rows, engine, engine_per_core
+
+
+def against_the_usual_way(bundle: Bundle, histories: list[np.ndarray], engine_rows: list[dict], args, device: str):
+    """Times the usual way on `device`, prints the side-by-side table and returns (usual rows, the
+    usual way's best row, the engine's best row whose p99 is still below the usual way's)."""
+    from usual_way import UsualT5Recommender, time_usual_way
+
+    cfg = bundle.manifest.get("model", {}).get("config", {})
+    usual = UsualT5Recommender(
+        bundle.semantic_ids, [int(v) for v in bundle.semantic_ids.max(axis=0) + 1],
+        d_model=cfg.get("d_model", 128), d_ff=cfg.get("d_ff", 512), n_heads=cfg.get("n_heads", 4),
+        encoder_layers=cfg.get("encoder_layers", 4), decoder_layers=cfg.get("decoder_layers", 4),
+        beam_size=bundle.beam_size, k=K, threads=args.threads, seed=args.seed, device=device,
+    )
+    # The baseline gets its better thread count (torch's threads spin, which a busy machine punishes).
+    usual_rows = []
+    for threads in sorted({1, args.threads}):
+        usual.torch.set_num_threads(threads)
+        usual_rows.append(time_usual_way(usual, histories[: 4 if args.quick else 24]) | {"threads": threads})
+        log(f"  usual way ({device}), {threads} thread(s): {usual_rows[-1]['rps']:.2f} req/s, p99 {usual_rows[-1]['p99_ms']:.0f} ms")
+    usual_row = max(usual_rows, key=lambda r: r["rps"])
+    del usual
+    faster = [r for r in engine_rows if "graph" not in r and r["p99_ms"] < usual_row["p99_ms"]]
+    best = max(faster or engine_rows[:1], key=lambda r: r["rps"])
+    for row in engine_rows:
+        if "graph" not in row:
+            row["vs_usual"] = row["rps"] / usual_row["rps"]
+    table(f"Engine alone on {device} (one session.run per batch; workers = runs side by side) vs the usual way "
+          "(T5 generate, one request at a time)",
+          [{"graph": r.get("graph", "current"), **r} for r in engine_rows]
+          + [{"graph": f"usual way (HF T5 generate, {r['threads']} thread(s))", "batch": 1, "rps": r["rps"],
+              "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "vs_usual": r["rps"] / usual_row["rps"]} for r in usual_rows],
+          ["graph", "batch", "workers", "rps", "p50_ms", "p99_ms", "vs_usual", "vs_current"])
+    return usual_rows, usual_row, best
+
+
+def engine_on_cuda(args, bundle: Bundle, t_start: float, rng) -> dict:
+    """`--providers cuda`: the engine alone and the usual way on the GPU, and the GPU's top-10 checked
+    against the CPU engine's for the same requests. The other sections measure this CPU machine."""
+    import torch
+
+    histories = random_histories(bundle.num_items, 512, rng)
+    engine_rows, engine, _ = engine_alone(bundle, histories, "cuda", args.threads, args.quick)
+    cpu_engine = OnnxBeamEngine(bundle, providers="cpu", intra_op_threads=args.threads)
+    checked = histories[:64]
+    gpu_items, gpu_scores = engine.search(checked)
+    cpu_items, cpu_scores = cpu_engine.search(checked)
+    same_top_k = int(sum(np.array_equal(g[:K], c[:K]) for g, c in zip(gpu_items, cpu_items)))
+    _, usual_row, best = against_the_usual_way(bundle, histories, engine_rows, args, "cuda")
+    return {
+        "providers": engine.session.get_providers(),
+        "gpu": torch.cuda.get_device_name(0),
+        "engine_speedup_vs_usual": round(best["rps"] / usual_row["rps"], 1),
+        "engine_rps": round(best["rps"], 1),
+        "engine_batch": best["batch"],
+        "engine_p99_ms": round(best["p99_ms"], 2),
+        "usual_rps": round(usual_row["rps"], 2),
+        "usual_p99_ms": round(usual_row["p99_ms"], 1),
+        "top10_equal_to_cpu": f"{same_top_k}/{len(checked)}",
+        "max_top10_score_diff_vs_cpu": float(np.abs(gpu_scores[:, :K] - cpu_scores[:, :K]).max()),
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "notes": ["--providers cuda: engine alone and the usual way only; the end-to-end, trie-scaling and "
+                  "compute-bound sections measure the CPU machine"],
+    }
+
+
 # ---- 3. trie scaling ---------------------------------------------------------------------------
 
 def export_step_graph(work: Path, beam: int, vocab: int, dense: bool) -> Path:
@@ -442,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bundle", help="bundle dir; default: the newest under models/")
     parser.add_argument("--quick", action="store_true", help="under 90 s: fewer points, no 10M catalog")
     parser.add_argument("--as-is", action="store_true", help="serve the bundle's own graphs (no re-export)")
+    parser.add_argument("--providers", choices=["cpu", "cuda"], default="cpu",
+                        help="cuda: the engine alone and the usual way on the GPU, nothing else")
     parser.add_argument("--threads", type=int, default=2, help="threads for the engine, the usual way and matmul")
     parser.add_argument("--engine-workers", type=int, default=None,
                         help="service batches computed at once, threads // workers each (default: tuned)")
@@ -472,23 +560,20 @@ def main(argv: list[str] | None = None) -> int:
             f"d_ff {cfg.get('d_ff')}, heads {cfg.get('n_heads')}; items {bundle.num_items}, levels {bundle.levels}, "
             f"beam {bundle.beam_size}, k {K}, history {HISTORY}")
 
+        if args.providers == "cuda":
+            line = json.dumps(engine_on_cuda(args, bundle, t_start, rng))
+            if args.json_out:
+                args.json_out.write_text(line + "\n")
+            print(line, flush=True)
+            return 0
+
         # The end-to-end processes start now and idle until section 5 (startup overlaps the rest).
         redis_proc, redis_port = start_redis(work)
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
-        # ---- 1. engine alone
+        # ---- 1. engine alone, 2. the usual way
         histories = random_histories(bundle.num_items, 512, rng)
-        # Two layouts of the same cores: one run at a time on every thread, or one run per core side
-        # by side (the service's engine workers); the better one at each batch size counts.
-        engine = OnnxBeamEngine(bundle, providers="cpu", intra_op_threads=args.threads)
-        engine_per_core = OnnxBeamEngine(bundle, providers="cpu", intra_op_threads=1)
-        batch_sizes = [1, 4, 8, 32, 64] if quick else [1, 2, 4, 8, 16, 32, 64, 128]
-        engine_rows = []
-        for b in batch_sizes:
-            for eng, workers in ((engine, 1), (engine_per_core, args.threads)) if args.threads > 1 else ((engine, 1),):
-                engine_rows.append(time_engine(eng, histories, b, 0.6 if quick else 2.0, workers=workers))
-                row = engine_rows[-1]
-                log(f"  engine batch {b:>3} x {workers} worker(s): {row['rps']:.0f} req/s, p99 {row['p99_ms']:.1f} ms")
+        engine_rows, engine, engine_per_core = engine_alone(bundle, histories, "cpu", args.threads, quick)
         if not quick and served != source:
             own = OnnxBeamEngine(load_bundle(source), providers="cpu", intra_op_threads=args.threads)
             for b in (1, 32):
@@ -497,36 +582,7 @@ def main(argv: list[str] | None = None) -> int:
                 engine_rows.append({"batch": b, "graph": "bundle's own (before)", **{k: theirs[k] for k in ("rps", "p50_ms", "p99_ms")},
                                     "vs_current": mine["rps"] / theirs["rps"]})
             del own
-
-        # ---- 2. the usual way
-        from usual_way import UsualT5Recommender, time_usual_way
-
-        usual = UsualT5Recommender(
-            bundle.semantic_ids, [int(v) for v in bundle.semantic_ids.max(axis=0) + 1],
-            d_model=cfg.get("d_model", 128), d_ff=cfg.get("d_ff", 512), n_heads=cfg.get("n_heads", 4),
-            encoder_layers=cfg.get("encoder_layers", 4), decoder_layers=cfg.get("decoder_layers", 4),
-            beam_size=bundle.beam_size, k=K, threads=args.threads, seed=args.seed,
-        )
-        # The baseline gets its better thread count (torch's threads spin, which a busy machine punishes).
-        usual_rows = []
-        for threads in sorted({1, args.threads}):
-            usual.torch.set_num_threads(threads)
-            usual_rows.append(time_usual_way(usual, histories[: 4 if quick else 24]) | {"threads": threads})
-            log(f"  usual way, {threads} thread(s): {usual_rows[-1]['rps']:.2f} req/s, p99 {usual_rows[-1]['p99_ms']:.0f} ms")
-        usual_row = max(usual_rows, key=lambda r: r["rps"])
-        del usual
-        # The engine's best throughput at a batch size whose p99 is still below the usual way's.
-        faster = [r for r in engine_rows if "graph" not in r and r["p99_ms"] < usual_row["p99_ms"]]
-        best = max(faster or engine_rows[:1], key=lambda r: r["rps"])
-        for row in engine_rows:
-            if "graph" not in row:
-                row["vs_usual"] = row["rps"] / usual_row["rps"]
-        table("Engine alone (one session.run per batch; workers = runs side by side) vs the usual way (T5 generate, "
-              "one request at a time)",
-              [{"graph": r.get("graph", "current"), **r} for r in engine_rows]
-              + [{"graph": f"usual way (HF T5 generate, {r['threads']} thread(s))", "batch": 1, "rps": r["rps"],
-                  "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "vs_usual": r["rps"] / usual_row["rps"]} for r in usual_rows],
-              ["graph", "batch", "workers", "rps", "p50_ms", "p99_ms", "vs_usual", "vs_current"])
+        _, usual_row, best = against_the_usual_way(bundle, histories, engine_rows, args, "cpu")
 
         # ---- 3. compute bound
         feeds_batch = 8

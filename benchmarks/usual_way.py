@@ -19,7 +19,7 @@ EOS = 1
 class UsualT5Recommender:
     def __init__(self, semantic_ids: np.ndarray, codebook_sizes: Sequence[int], *, d_model: int, d_ff: int,
                  n_heads: int, encoder_layers: int, decoder_layers: int, beam_size: int, k: int,
-                 threads: int = 2, seed: int = 0) -> None:
+                 threads: int = 2, seed: int = 0, device: str = "cpu") -> None:
         import torch
         from transformers import T5Config, T5ForConditionalGeneration
 
@@ -33,7 +33,8 @@ class UsualT5Recommender:
             num_heads=n_heads, num_layers=encoder_layers, num_decoder_layers=decoder_layers,
             pad_token_id=0, eos_token_id=EOS, decoder_start_token_id=0, dropout_rate=0.0,
         )
-        self.model = T5ForConditionalGeneration(config).eval()
+        self.device = device
+        self.model = T5ForConditionalGeneration(config).eval().to(device)
         self.beam_size, self.k = beam_size, k
         self.tokens = semantic_ids.astype(np.int64) + self.offsets  # (N, L) item -> its L tokens
         # The dict trie: decoder prefix (tokens after the start token) -> allowed next tokens.
@@ -52,7 +53,7 @@ class UsualT5Recommender:
     def recommend(self, history: np.ndarray) -> list[int]:
         """One request: history item indices (oldest first) -> up to k item indices."""
         torch = self.torch
-        input_ids = torch.as_tensor(self.tokens[history].reshape(1, -1))  # (1, H * L)
+        input_ids = torch.as_tensor(self.tokens[history].reshape(1, -1), device=self.device)  # (1, H * L)
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
