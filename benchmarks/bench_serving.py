@@ -137,10 +137,13 @@ def engine_alone(bundle: Bundle, histories: list[np.ndarray], providers: str, th
     """Engine throughput and latency per batch size. On CPU two layouts of the same cores: one run at
     a time on every thread, or one run per core side by side (the service's engine workers); the
     better one at each batch size counts. On CUDA one run at a time on the device."""
-    engine = OnnxBeamEngine(bundle, providers=providers, intra_op_threads=threads)
+    try:
+        engine = OnnxBeamEngine(bundle, providers=providers, intra_op_threads=threads)
+    except ValueError as error:  # no such provider in this onnxruntime
+        sys.exit(f"bench_serving: {error}; for CUDA install the gpu extra (onnxruntime-gpu) instead of the cpu one")
     if providers == "cuda":
-        if engine.device != "cuda":
-            sys.exit(f"bench_serving: asked for CUDA but onnxruntime runs on {engine.provider}; install the gpu extra")
+        if engine.device != "cuda":  # the CUDA provider exists but failed to load (driver, CUDA libraries)
+            sys.exit(f"bench_serving: asked for CUDA but onnxruntime runs on {engine.provider}; see its warnings above")
         layouts, batch_sizes = ((engine, 1),), [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
         engine_per_core = None
     else:

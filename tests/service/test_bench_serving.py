@@ -47,3 +47,13 @@ def test_without_both_targets_met_the_sweep_takes_p99_first_then_the_lowest_p99(
     assert bench_serving.choose_setting(p99_only) is p99_only[1]
     neither = [_setting(70.0, 0.10, 900.0), _setting(60.0, None, 500.0)]
     assert bench_serving.choose_setting(neither) is neither[1]
+
+
+def test_asking_for_cuda_without_a_cuda_onnxruntime_stops_with_what_to_install(bench_serving, tiny_bundle):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: the benchmark would run on it")  # a GPU box, not CI
+    bundle = bench_serving.load_bundle(tiny_bundle)
+    with pytest.raises(SystemExit, match=r"CUDAExecutionProvider.* is available.*install the gpu extra \(onnxruntime-gpu\)"):
+        bench_serving.engine_alone(bundle, [], "cuda", threads=1, quick=True)
