@@ -53,13 +53,14 @@ eval: $(STAMP)
 clean:
 	rm -rf $(VENV) .cache runs
 
-# Serving benchmark: engine vs the usual way, end to end (HTTP + Redis), trie scaling, compute bound.
-# Ends with one JSON line. QUICK=1 runs in under 90 s (no 10M catalog); BUNDLE=dir picks the bundle.
 # Training throughput side by side: one pass per sequence vs one pair per sample, bf16 vs fp32, sizes.
 .PHONY: bench-training
 bench-training: $(STAMP)
 	$(BIN)/python benchmarks/bench_training.py
 
+# Serving benchmark: engine vs the usual way, end to end (HTTP + Redis), trie scaling, compute bound.
+# Ends with one JSON line. QUICK=1 runs in under 90 s (no 10M catalog); BUNDLE=dir picks the bundle;
+# PROVIDERS=cuda times only the engine and the usual way, on the GPU (needs the gpu extra).
 .PHONY: bench-serving
 bench-serving: $(STAMP)
-	$(BIN)/python benchmarks/bench_serving.py $(if $(QUICK),--quick,) $(if $(BUNDLE),--bundle $(BUNDLE),)
+	$(BIN)/python benchmarks/bench_serving.py $(if $(QUICK),--quick,) $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(PROVIDERS),--providers $(PROVIDERS),)
