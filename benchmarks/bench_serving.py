@@ -192,9 +192,9 @@ def against_the_usual_way(bundle: Bundle, histories: list[np.ndarray], engine_ro
     return usual_rows, usual_row, best
 
 
-def engine_on_cuda(args, bundle: Bundle, t_start: float, rng) -> dict:
+def engine_on_cuda(args, bundle: Bundle, rng) -> dict:
     """`--providers cuda`: the engine alone and the usual way on the GPU, and the GPU's top-10 checked
-    against the CPU engine's for the same requests. The other sections measure this CPU machine."""
+    against the CPU engine's for the same requests."""
     import torch
 
     histories = random_histories(bundle.num_items, 512, rng)
@@ -216,9 +216,6 @@ def engine_on_cuda(args, bundle: Bundle, t_start: float, rng) -> dict:
         "usual_p99_ms": round(usual_row["p99_ms"], 1),
         "top10_equal_to_cpu": f"{same_top_k}/{len(checked)}",
         "max_top10_score_diff_vs_cpu": float(np.abs(gpu_scores[:, :K] - cpu_scores[:, :K]).max()),
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "notes": ["--providers cuda: engine alone and the usual way only; the end-to-end, trie-scaling and "
-                  "compute-bound sections measure the CPU machine"],
     }
 
 
@@ -383,13 +380,13 @@ def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
 class Service:
     """The real service process (`python -m service`) on a free loopback port."""
 
-    def __init__(self, bundle_dir: Path, redis_url: str, work: Path, env: dict[str, str]) -> None:
+    def __init__(self, bundle_dir: Path, redis_url: str, work: Path, env: dict[str, str], providers: str = "cpu") -> None:
         self.port = free_port()
         self.log_path = work / f"service-{self.port}.log"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("GENREC_")}
         child_env.update(GENREC_BUNDLE_DIR=str(bundle_dir), GENREC_HOST="127.0.0.1", GENREC_PORT=str(self.port),
-                         GENREC_REDIS_URL=redis_url, GENREC_ONNX_PROVIDERS="cpu", PYTHONUNBUFFERED="1",
-                         PYTHONPATH=str(REPO))
+                         GENREC_REDIS_URL=redis_url, GENREC_ONNX_PROVIDERS=providers, PYTHONUNBUFFERED="1",
+                         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         child_env.update(env)
         self.env = env
         with open(self.log_path, "wb") as out:
@@ -532,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="under 90 s: fewer points, no 10M catalog")
     parser.add_argument("--as-is", action="store_true", help="serve the bundle's own graphs (no re-export)")
     parser.add_argument("--providers", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: the engine alone and the usual way on the GPU, nothing else")
+                        help="cuda: the engine alone and the usual way on the GPU, and end to end when the "
+                             "micro-batcher setting is given; no trie scaling or compute bound")
     parser.add_argument("--threads", type=int, default=2, help="threads for the engine, the usual way and matmul")
     parser.add_argument("--engine-workers", type=int, default=None,
                         help="service batches computed at once, threads // workers each (default: tuned)")
@@ -563,16 +561,22 @@ def main(argv: list[str] | None = None) -> int:
             f"d_ff {cfg.get('d_ff')}, heads {cfg.get('n_heads')}; items {bundle.num_items}, levels {bundle.levels}, "
             f"beam {bundle.beam_size}, k {K}, history {HISTORY}")
 
+        # The end-to-end processes start now and idle until section 5 (startup overlaps the rest).
+        redis_proc, redis_port = start_redis(work)
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+
         if args.providers == "cuda":
-            line = json.dumps(engine_on_cuda(args, bundle, t_start, rng))
+            result = engine_on_cuda(args, bundle, rng)
+            if None in (args.engine_workers, args.max_batch_size, args.max_wait_ms):
+                notes.append("cuda: no end-to-end section; give --engine-workers, --max-batch-size and --max-wait-ms "
+                             "(the sweep's grid is sized for CPU cores)")
+            else:
+                result |= end_to_end(args, bundle, served, redis_url, work, quick, rng, notes)["json"]
+            line = json.dumps(result | {"seconds": round(time.perf_counter() - t_start, 1), "notes": notes})
             if args.json_out:
                 args.json_out.write_text(line + "\n")
             print(line, flush=True)
             return 0
-
-        # The end-to-end processes start now and idle until section 5 (startup overlaps the rest).
-        redis_proc, redis_port = start_redis(work)
-        redis_url = f"redis://127.0.0.1:{redis_port}/0"
 
         # ---- 1. engine alone, 2. the usual way
         histories = random_histories(bundle.num_items, 512, rng)
@@ -700,7 +704,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
             "GENREC_MAX_BATCH_SIZE": str(setting["max_batch_size"]), "GENREC_MAX_WAIT_MS": str(setting["max_wait_ms"]),
             "GENREC_ENGINE_WORKERS": str(setting["engine_workers"]),
             "GENREC_INTRA_OP_THREADS": str(engine_threads_per_worker(setting["engine_workers"], cores)),
-            "GENREC_MAX_QUEUE_SIZE": "1024"})
+            "GENREC_MAX_QUEUE_SIZE": "1024"}, providers=args.providers)
         svc.wait_ready()
         return svc
 
@@ -771,6 +775,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
 
     svc = run_service(setting)
     try:
+        served_on = json.loads(svc.get("/info")[1])["provider"]  # what the service's engine really runs on
         make = request_factory(svc.port, user_ids, seed=1)
         peak_row, closed_rows = find_peak(svc, make, setting, seconds)
         peak = peak_row["achieved_rps"]
@@ -804,6 +809,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
     finally:
         svc.stop()
     return {"json": {
+        "e2e_provider": served_on,
         "e2e_peak_rps": round(peak, 1),
         "e2e_peak_p99_ms": round(peak_row["p99_ms"], 1),
         "e2e_p99_ms_at_70pct_peak": round(at70["p99_ms"], 1),
