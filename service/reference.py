@@ -1,6 +1,7 @@
 """The plain twin of the graph's beam search: Python loops over a dict trie, one decoder call per step.
 
-Slow and obviously correct; tests hold OnnxBeamEngine equal to it. Uses `encoder.onnx` and
+Slow and obviously correct; tests hold OnnxBeamEngine equal to it. Each step's log-probabilities are
+renormalized over the prefix's valid children, as in the graph. Uses `encoder.onnx` and
 `decoder.onnx`: the decoder returns log_probs (B, L, V) and step p reads row p. With an item head the
 encoder also returns item_bonus (B, N), added to each found item's score before the final sort.
 """
@@ -82,11 +83,12 @@ class ReferenceBeamEngine:
                 },
             )  # (n, L, V)
             step_log_probs = log_probs[:, step]  # (n, V)
-            candidates = [
-                (prefix + (code,), score + float(step_log_probs[i, code]))
-                for i, (prefix, score) in enumerate(beams)
-                for code in self.trie.children(prefix)
-            ]
+            candidates = []
+            for i, (prefix, score) in enumerate(beams):
+                children = list(self.trie.children(prefix))
+                # Renormalized over the valid children, as the graph does (training/beam.py).
+                children_mass = float(np.logaddexp.reduce(step_log_probs[i, children].astype(np.float64)))
+                candidates += [(prefix + (code,), score + float(step_log_probs[i, code]) - children_mass) for code in children]
             candidates.sort(key=lambda candidate: candidate[1], reverse=True)
             beams = candidates[: self.beam_size]
         return beams

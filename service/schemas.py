@@ -59,7 +59,9 @@ class RecommendedItem(BaseModel):
     item_id: str
     title: str
     score: float | None = Field(
-        description="Sum of the log-probabilities of the item's codes; null for items filled from popularity."
+        description="Sum of the log-probabilities of the item's codes, each renormalized over the codes the catalog "
+        "allows after the ones before it (plus the item head's log-probability for models with one); null for items "
+        "filled from popularity."
     )
 
 

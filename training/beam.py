@@ -58,6 +58,11 @@ def constrained_step(
     scoring and one top-k run on that grid, so the step costs about the same for 10 thousand or
     10 million items (exactly the same on dense-row depths).
 
+    Each beam's log-probabilities are renormalized over its valid children (the mass the model puts
+    on codes the catalog does not continue with is dropped), so a node with one child adds exactly 0
+    and needs no decoder call (ConstrainedBeamSearch skips those at the last level). On Beauty this
+    also ranked better than the raw log-probabilities (test R@10 .0522 against .0501, same bundle).
+
     Returns (scores (B, beam), node (B, beam) at the next depth, code (B, beam) chosen, rows
     (B * beam,) the flat index b * k + parent of each new beam's parent). Dead beams get node 0,
     code 0 and a score <= NEG / 2."""
@@ -66,7 +71,9 @@ def constrained_step(
     neg = torch.tensor(NEG, dtype=log_probs.dtype, device=log_probs.device)
     slots = slot_grid(trie_codes, node, grid)  # (B, k, grid)
     padded = nn.functional.pad(log_probs, (1, grid - v - 1), value=NEG)  # sink and spare columns score NEG
-    candidate = torch.where(slots >= 0, scores[..., None] + padded, neg)
+    valid = slots >= 0
+    children_mass = torch.logsumexp(torch.where(valid, padded, neg), dim=-1, keepdim=True)  # (B, k, 1)
+    candidate = torch.where(valid, scores[..., None] + (padded - children_mass), neg)
     scores, chosen = candidate.reshape(-1, k * grid).topk(beam, dim=1)  # (B, beam)
     parent = torch.div(chosen, grid, rounding_mode="floor")
     slot = slots.reshape(-1, k * grid).gather(1, chosen)
@@ -138,8 +145,11 @@ class ConstrainedBeamSearch(nn.Module):
         for step in range(levels):
             k = node.shape[1]
             x = self.step_input(step, code.reshape(-1), memory[:, -1])  # (B * k, D)
-            hidden, self_kv = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
-            log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
+            if step == levels - 1 and step > 0:
+                log_probs = self.last_level_log_probs(x, self_kv, cross_kv, cross_bias, node, trie_codes[step])
+            else:
+                hidden, self_kv = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
+                log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
             scores, node, code, rows = constrained_step(log_probs, scores, node, trie_codes[step], trie_offsets[step], beam)
             if step + 1 < levels:  # the new beams inherit their parents' cached keys and values
                 self_kv = [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in self_kv]
@@ -148,6 +158,32 @@ class ConstrainedBeamSearch(nn.Module):
         if self.use_item_head:
             items, scores = rerank_with_item_head(model, memory[:, -1], items, scores)
         return items, scores
+
+    def last_level_log_probs(
+        self, x: torch.Tensor, self_kv: list[KV], cross_kv: list[KV], cross_bias: torch.Tensor,
+        node: torch.Tensor, trie_codes: torch.Tensor,
+    ) -> torch.Tensor:
+        """The last level's log-probabilities (B, k, V), the decoder run only for beams whose node has
+        more than one child. The others get zeros: constrained_step renormalizes over the valid
+        children, so a lone child adds exactly 0 either way. (Most last-level nodes tell apart items
+        that share their other codes: on Beauty 97.6% have one child.) x (B * k, D), the newest
+        position's input; self_kv per layer (B * k, h, t, hd); node (B, k) at the last depth."""
+        model = self.model
+        k = node.shape[1]
+        children = (trie_codes[node] >= 0).sum(-1)  # (B, k): padded CSR rows pad with -1, dense rows mark no child -1
+        rows = torch.nonzero(children.reshape(-1) > 1).reshape(-1)  # (R,) beams that need the decoder
+        request = torch.div(rows, k, rounding_mode="floor")
+        hidden, _ = self.decode_newest(
+            x.index_select(0, rows),
+            [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in self_kv],
+            [(key.index_select(0, request), value.index_select(0, request)) for key, value in cross_kv],
+            cross_bias.index_select(0, request), groups=1,
+        )
+        computed = model.level_log_probs(hidden, self.model.cfg.levels - 1)  # (R, V)
+        v = computed.shape[-1]
+        log_probs = torch.zeros(x.shape[0], v, dtype=computed.dtype, device=x.device)
+        log_probs = log_probs.scatter(0, rows[:, None].expand(-1, v), computed)
+        return log_probs.reshape(-1, k, v)
 
     def step_input(self, step: int, codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
         """The decoder input at position `step`, as GenerativeRecommender.decoder_inputs builds it:

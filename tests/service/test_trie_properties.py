@@ -281,3 +281,41 @@ def test_kv_cached_decoder_matches_the_full_decoder(start_from_history: bool) ->
             x = search.step_input(step, codes[:, step - 1] if step else codes[:, 0], newest)  # (S, D)
             hidden, cache = search.decode_newest(x, cache, transposed, cross_bias, groups=groups)
             torch.testing.assert_close(hidden, full[:, step], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dense_levels", [None, 0])
+def test_last_level_runs_the_decoder_only_where_a_node_has_several_children(dense_levels) -> None:
+    """ConstrainedBeamSearch skips the last level's decoder for nodes with one child (their
+    renormalized log-probability is 0): same items and scores as running it for every beam, and
+    the skipped rows are exactly the one-child nodes, on dense-row and CSR tables."""
+    from training.beam import ConstrainedBeamSearch, trie_tensors
+    from training.model import GenerativeRecommender, Seq2SeqConfig
+
+    torch.manual_seed(1)
+    cfg = Seq2SeqConfig(codebook_sizes=[4, 3, 5], d_model=16, n_heads=2, d_ff=32, encoder_layers=1,
+                        decoder_layers=2, dropout=0.0, max_history=MAX_HISTORY)
+    model = GenerativeRecommender(cfg).eval()
+    rng = np.random.default_rng(3)
+    # Most two-code prefixes end in one item, a few in several: both kinds of last-level node.
+    prefixes = np.unique(np.stack([rng.integers(0, 4, 30), rng.integers(0, 3, 30)], axis=1), axis=0)
+    rows = [[*p, 0] for p in prefixes] + [[*p, c] for p in prefixes[::3] for c in (1, 2, 4)]
+    catalog = np.asarray(rows, dtype=np.int64)
+    feeds = build_trie(catalog).as_feeds() if dense_levels is None else build_trie(catalog).as_feeds(dense_levels=dense_levels)
+    trie = trie_tensors(feeds, cfg.levels)
+    history = torch.as_tensor(catalog[rng.integers(0, len(catalog), (3, MAX_HISTORY))])
+    mask = torch.ones(3, MAX_HISTORY, dtype=torch.bool)
+
+    class EveryBeam(ConstrainedBeamSearch):
+        def last_level_log_probs(self, x, self_kv, cross_kv, cross_bias, node, trie_codes):
+            self.nodes_seen = node
+            hidden, _ = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=node.shape[1])
+            return self.model.level_log_probs(hidden, cfg.levels - 1).reshape(*node.shape, cfg.max_codebook)
+
+    with torch.no_grad():
+        items, scores = ConstrainedBeamSearch(model, beam_size=6)(history, mask, *trie)
+        every = EveryBeam(model, beam_size=6)
+        every_items, every_scores = every(history, mask, *trie)
+    torch.testing.assert_close(scores, every_scores, atol=1e-5, rtol=1e-5)
+    assert torch.equal(items, every_items)
+    children = (trie[cfg.levels - 1][every.nodes_seen] >= 0).sum(-1)
+    assert (children == 1).any() and (children > 1).any()  # the case mixes both kinds of node
