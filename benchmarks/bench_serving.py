@@ -523,6 +523,14 @@ def run_locust(port: int, items_path: Path, users: int, seconds: int, work: Path
 
 # ---- main --------------------------------------------------------------------------------------
 
+def emit_json(result: dict, json_out: Path | None) -> None:
+    """The run's last stdout line, and the same line in json_out when given."""
+    line = json.dumps(result)
+    if json_out:
+        json_out.write_text(line + "\n")
+    print(line, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", help="bundle dir; default: the newest under models/")
@@ -572,10 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                              "(the sweep's grid is sized for CPU cores)")
             else:
                 result |= end_to_end(args, bundle, served, redis_url, work, quick, rng, notes)["json"]
-            line = json.dumps(result | {"seconds": round(time.perf_counter() - t_start, 1), "notes": notes})
-            if args.json_out:
-                args.json_out.write_text(line + "\n")
-            print(line, flush=True)
+            emit_json(result | {"seconds": round(time.perf_counter() - t_start, 1), "notes": notes}, args.json_out)
             return 0
 
         # ---- 1. engine alone, 2. the usual way
@@ -667,10 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": round(time.perf_counter() - t_start, 1),
             "notes": notes,
         }
-        line = json.dumps(result)
-        if args.json_out:
-            args.json_out.write_text(line + "\n")
-        print(line, flush=True)
+        emit_json(result, args.json_out)
         return 0
     finally:
         stop(redis_proc)

@@ -85,7 +85,7 @@ class ReferenceBeamEngine:
             step_log_probs = log_probs[:, step]  # (n, V)
             candidates = []
             for i, (prefix, score) in enumerate(beams):
-                children = list(self.trie.children(prefix))
+                children = self.trie.children(prefix)
                 # Renormalized over the valid children, as the graph does (training/beam.py).
                 children_mass = float(np.logaddexp.reduce(step_log_probs[i, children].astype(np.float64)))
                 candidates += [(prefix + (code,), score + float(step_log_probs[i, code]) - children_mass) for code in children]

@@ -179,7 +179,7 @@ class ConstrainedBeamSearch(nn.Module):
             [(key.index_select(0, request), value.index_select(0, request)) for key, value in cross_kv],
             cross_bias.index_select(0, request), groups=1,
         )
-        computed = model.level_log_probs(hidden, self.model.cfg.levels - 1)  # (R, V)
+        computed = model.level_log_probs(hidden, model.cfg.levels - 1)  # (R, V)
         v = computed.shape[-1]
         log_probs = torch.zeros(x.shape[0], v, dtype=computed.dtype, device=x.device)
         log_probs = log_probs.scatter(0, rows[:, None].expand(-1, v), computed)
