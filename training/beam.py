@@ -72,8 +72,10 @@ def constrained_step(
     slots = slot_grid(trie_codes, node, grid)  # (B, k, grid)
     padded = nn.functional.pad(log_probs, (1, grid - v - 1), value=NEG)  # sink and spare columns score NEG
     valid = slots >= 0
-    children_mass = torch.logsumexp(torch.where(valid, padded, neg), dim=-1, keepdim=True)  # (B, k, 1)
-    candidate = torch.where(valid, scores[..., None] + (padded - children_mass), neg)
+    # log_softmax over the masked row is the renormalization (x - logsumexp of the valid x) in one
+    # vectorized kernel; onnxruntime's ReduceLogSumExp took 11% of a batch-64 search.
+    renormalized = torch.where(valid, padded, neg).log_softmax(-1)
+    candidate = torch.where(valid, scores[..., None] + renormalized, neg)
     scores, chosen = candidate.reshape(-1, k * grid).topk(beam, dim=1)  # (B, beam)
     parent = torch.div(chosen, grid, rounding_mode="floor")
     slot = slots.reshape(-1, k * grid).gather(1, chosen)
