@@ -37,7 +37,7 @@ from catalogs import synthetic_semantic_ids  # noqa: E402
 from flops import machine_matmul_flops, matmul_flops  # noqa: E402
 
 from service.bundle import Bundle, load_bundle  # noqa: E402
-from service.config import Settings, engine_threads_per_worker, find_newest_bundle  # noqa: E402
+from service.config import Settings, engine_threads, find_newest_bundle  # noqa: E402
 from service.engine import OnnxBeamEngine, create_session, graph_trie_feeds  # noqa: E402
 from service.trie import build_trie  # noqa: E402
 
@@ -705,7 +705,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         svc = Service(served, redis_url, work, {
             "GENREC_MAX_BATCH_SIZE": str(setting["max_batch_size"]), "GENREC_MAX_WAIT_MS": str(setting["max_wait_ms"]),
             "GENREC_ENGINE_WORKERS": str(setting["engine_workers"]),
-            "GENREC_INTRA_OP_THREADS": str(engine_threads_per_worker(setting["engine_workers"], cores)),
+            "GENREC_INTRA_OP_THREADS": str(engine_threads(0, cores)),
             "GENREC_MAX_QUEUE_SIZE": "1024"}, providers=args.providers)
         svc.wait_ready()
         return svc
@@ -734,11 +734,12 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # with the widest p99 margin; failing that, the one meeting p99 with the lowest outside share;
         # failing that, the lowest p99. Larger batches and a short window raise the peak and cut the
         # share outside the engine; smaller ones cut the engine call and so the tail at 70%.
-        # Threads per worker: engine_threads_per_worker (the workers split the cores).
-        # One worker more than cores: while one batch's clients are between answer and next request,
-        # the other batches keep every core computing (at one round in flight, cores workers leave a gap).
+        # Threads: the service's default, every core for every worker (engine_threads), so a batch
+        # computing alone uses them all; that also fills the gap one worker per core left while one
+        # batch's clients were between answer and next request, which a worker more than cores filled
+        # before (dropped from the grid with it).
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t}
-                for w in sorted({1, cores, cores + 1}) for b in (4, 8, 16) for t in (0.0, 2.0, 5.0)]
+                for w in sorted({1, cores}) for b in (4, 8, 16) for t in (0.0, 2.0, 5.0)]
         grid = [g for g in grid if all(fixed[k] is None or g[k] == fixed[k] for k in g)]
         tuning_rows = []
         for setting in grid:
@@ -825,7 +826,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         "max_load_rps": round(closed_rows[-1]["achieved_rps"], 1),
         "locust_rps": round(locust.get("Aggregated", {}).get("rps", 0.0), 1),
         "locust_p99_ms": locust.get("Aggregated", {}).get("p99_ms"),
-        **setting, "intra_op_threads": engine_threads_per_worker(setting["engine_workers"], cores),
+        **setting, "intra_op_threads": engine_threads(0, cores),
     }}
 
 

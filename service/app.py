@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
 from service.bundle import Bundle, load_bundle
-from service.config import Settings, engine_threads_per_worker
+from service.config import Settings, engine_threads
 from service.deps import ApiError, AppState, Serving
 from service.engine import BeamEngine, OnnxBeamEngine
 from service.history import CoalescingHistoryReader, HistoryStore, InMemoryHistoryStore, RedisHistoryStore
@@ -113,7 +113,7 @@ async def start_serving(
 
 
 def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:
-    threads = settings.intra_op_threads or engine_threads_per_worker(settings.engine_workers, os.cpu_count() or 1)
+    threads = engine_threads(settings.intra_op_threads, os.cpu_count() or 1)
     engine_class = ReferenceBeamEngine if settings.engine == "reference" else OnnxBeamEngine
     return engine_class(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history)
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,7 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.batcher import DeadlineExceeded, QueueFull
 from service.bundle import Bundle, sha256_file
-from service.config import Settings, engine_threads_per_worker
+from service.config import Settings, engine_threads
 from service.history import HistoryStore
 from tests.service.conftest import StoppableRedis
 
@@ -54,9 +55,15 @@ def test_ready_only_inside_the_lifespan(demo_bundle_dir: Path) -> None:
     assert after.status_code == 503 and "draining" in after.json()["reason"]
 
 
-@pytest.mark.parametrize(("workers", "cores", "threads"), [(1, 1, 1), (1, 2, 2), (2, 2, 1), (3, 2, 1), (2, 8, 4)])
-def test_engine_workers_split_the_cores(workers, cores, threads) -> None:
-    assert engine_threads_per_worker(workers, cores) == threads
+@pytest.mark.parametrize(("setting", "cores", "threads"), [(0, 1, 1), (0, 2, 2), (0, 8, 8), (1, 8, 1), (3, 2, 3)])
+def test_engine_threads_default_to_every_core(setting, cores, threads) -> None:
+    assert engine_threads(setting, cores) == threads
+
+
+def test_every_engine_worker_may_use_every_core(demo_bundle_dir: Path) -> None:
+    with TestClient(create_app(make_settings(demo_bundle_dir, engine_workers=2))) as client:
+        session = client.app.state.genrec.serving.engine.session
+        assert session.get_session_options().intra_op_num_threads == (os.cpu_count() or 1)
 
 
 def test_startup_sets_the_gil_switch_interval(demo_bundle_dir: Path) -> None:
