@@ -33,13 +33,20 @@ def test_a_manifest_without_model_config_has_no_limit(bench_serving):
     assert bench_serving.own_item_table_size({}) is None
 
 
-def _setting(p99: float, share: float | None, rps: float) -> dict:
-    return {"p99_ms_at_70pct": p99, "outside_share_at_peak": share, "rps_at_70pct": rps}
+def _setting(p99: float, share: float | None, rps: float, one_round: float = 1.0) -> dict:
+    return {"p99_ms_at_70pct": p99, "outside_share_at_peak": share, "rps_at_70pct": rps, "one_round_fraction": one_round}
 
 
-def test_the_sweep_chooses_the_widest_p99_margin_among_settings_meeting_both_targets(bench_serving):
-    rows = [_setting(49.0, 0.20, 700.0), _setting(30.0, 0.24, 500.0), _setting(20.0, 0.40, 900.0)]
+def test_the_sweep_chooses_the_widest_margin_among_settings_meeting_both_targets(bench_serving):
+    rows = [_setting(49.0, 0.20, 700.0), _setting(30.0, 0.15, 500.0), _setting(20.0, 0.40, 900.0)]
     assert bench_serving.choose_setting(rows) is rows[1]
+    # The lowest p99 loses to a knee with more room: 0.92 of the best at one round is 0.2 of the way
+    # from slipping, against a p99 margin of 0.4 and a share margin of 0.4 for the other.
+    knees = [_setting(15.0, 0.15, 700.0, one_round=0.92), _setting(30.0, 0.15, 900.0, one_round=0.97)]
+    assert bench_serving.choose_setting(knees) is knees[1]
+    # and a tight share loses too
+    shares = [_setting(20.0, 0.24, 700.0), _setting(35.0, 0.15, 900.0)]
+    assert bench_serving.choose_setting(shares) is shares[1]
 
 
 def test_without_both_targets_met_the_sweep_takes_p99_first_then_the_lowest_p99(bench_serving):
