@@ -734,8 +734,8 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # Each setting: its peak, then open-loop Poisson arrivals at 70% of that peak. The chosen one
         # meets both targets (p99 <= 50 ms at 70% of its own peak, outside share <= 0.25 at peak)
         # with the widest margin (choose_setting); failing that, the one meeting p99 with the lowest
-        # outside share; failing that, the lowest p99. Larger batches and a short window raise the peak and cut the
-        # share outside the engine; smaller ones cut the engine call and so the tail at 70%.
+        # outside share; failing that, the lowest p99. Larger batches and a short window raise the peak
+        # and cut the share outside the engine; smaller ones cut the engine call and so the tail at 70%.
         # Threads: the service's default, every core for every worker (engine_threads), so a batch
         # computing alone uses them all; that also fills the gap one worker per core left while one
         # batch's clients were between answer and next request, which a worker more than cores filled
