@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     # A micro-batch closes when it has this many requests...
     max_batch_size: int = Field(8, ge=1)
     # ...or when its first request has waited this long. Defaults (with 2 engine workers): the most
-    # req/s within a 50 ms p99 in earlier `make bench-serving` runs on 2 CPU cores, and every target met
-    # twice as a fixed setting in runs after L-P; the sweep, judging each setting against its own peak,
+    # req/s within a 50 ms p99 in earlier `make bench-serving` runs on 2 CPU cores, and met every
+    # target in two fixed-setting runs after runs L-P; the sweep, judging each setting against its own peak,
     # picks differently from run to run there (README, runs C-P); a GPU wants far larger batches.
     max_wait_ms: float = Field(2.0, ge=0)
     # Requests waiting for the engine beyond this many -> 429.
