@@ -542,9 +542,11 @@ def main(argv: list[str] | None = None) -> int:
                              "micro-batcher setting is given; no trie scaling or compute bound")
     parser.add_argument("--threads", type=int, default=2, help="threads for the engine, the usual way and matmul")
     parser.add_argument("--engine-workers", type=int, default=None,
-                        help="service batches computed at once, each on every thread (default: tuned)")
+                        help="service batches computed at once (default: tuned)")
     parser.add_argument("--max-batch-size", type=int, default=None, help="service micro-batch size (default: tuned)")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="service batch window (default: tuned)")
+    parser.add_argument("--busy-intra-op-threads", type=int, default=None,
+                        help="threads of a batch starting while another computes; 0 = every core (default: tuned)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json-out", type=Path, help="also write the JSON line here")
     args = parser.parse_args(argv)
@@ -707,6 +709,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
             "GENREC_MAX_BATCH_SIZE": str(setting["max_batch_size"]), "GENREC_MAX_WAIT_MS": str(setting["max_wait_ms"]),
             "GENREC_ENGINE_WORKERS": str(setting["engine_workers"]),
             "GENREC_INTRA_OP_THREADS": str(engine_threads(0, cores)),
+            "GENREC_BUSY_INTRA_OP_THREADS": str(setting["busy_intra_op_threads"]),
             "GENREC_MAX_QUEUE_SIZE": "1024"}, providers=args.providers)
         svc.wait_ready()
         return svc
@@ -722,11 +725,12 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         knee = next(r for r in rows if r["achieved_rps"] >= KNEE_FRACTION * best)
         return knee | {"one_round_fraction": rows[0]["achieved_rps"] / best}, rows
 
-    fixed = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "engine_workers": args.engine_workers}
-    if quick or all(v is not None for v in fixed.values()):
+    fixed = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "engine_workers": args.engine_workers,
+             "busy_intra_op_threads": args.busy_intra_op_threads}
+    if quick or all(fixed[k] is not None for k in ("max_batch_size", "max_wait_ms", "engine_workers")):
         defaults = Settings()  # the service's own defaults, from an earlier sweep
         setting = {"max_batch_size": defaults.max_batch_size, "max_wait_ms": defaults.max_wait_ms,
-                   "engine_workers": min(defaults.engine_workers, cores)}
+                   "engine_workers": min(defaults.engine_workers, cores), "busy_intra_op_threads": defaults.busy_intra_op_threads}
         setting |= {k: v for k, v in fixed.items() if v is not None}
         if quick:
             notes.append(f"quick: no micro-batcher sweep ({setting})")
@@ -736,11 +740,14 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # with the widest margin (choose_setting); failing that, the one meeting p99 with the lowest
         # outside share; failing that, the lowest p99. Larger batches and a short window raise the peak
         # and cut the share outside the engine; smaller ones cut the engine call and so the tail at 70%.
-        # Threads: the service's default, every core for every worker (engine_threads), so a batch
-        # computing while another batch's clients are between answer and next request uses them all;
-        # no worker beyond the cores is needed to fill that gap.
-        grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t}
-                for w in sorted({1, cores}) for b in (4, 8, 16) for t in (0.0, 2.0, 5.0)]
+        # Threads: every core for a batch computing alone (engine_threads), so one computing while
+        # another batch's clients are between answer and next request uses them all; a batch starting
+        # while another computes gets one thread (busy 1) or every core too (busy 0, sharing them).
+        # Which is better depends on the machine: one thread each gave 1.2-1.5x the engine throughput
+        # on a slow 2-core machine, sharing kept the knee at one round on a fast one. A window of 0 ms
+        # (each batch takes only what is queued) was never the widest margin with up to `cores` workers.
+        grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t, "busy_intra_op_threads": busy}
+                for w in sorted({1, cores}) for busy in ((0,) if w == 1 else (1, 0)) for b in (4, 8, 16) for t in (2.0, 5.0)]
         grid = [g for g in grid if all(fixed[k] is None or g[k] == fixed[k] for k in g)]
         tuning_rows = []
         for setting in grid:
@@ -775,7 +782,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
                 f"{_fmt(worst_share)}; at 70% p99 {at70['p99_ms']:.1f} ms")
         table("Micro-batcher settings (peak: closed loop; then open loop at 70% of that peak)", tuning_rows)
         chosen = choose_setting(tuning_rows)
-        setting = {k: chosen[k] for k in ("engine_workers", "max_batch_size", "max_wait_ms")}
+        setting = {k: chosen[k] for k in ("engine_workers", "max_batch_size", "max_wait_ms", "busy_intra_op_threads")}
         log(f"  chosen: {setting}")
 
     svc = run_service(setting)

@@ -114,8 +114,12 @@ async def start_serving(
 
 def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:
     threads = engine_threads(settings.intra_op_threads, os.cpu_count() or 1)
-    engine_class = ReferenceBeamEngine if settings.engine == "reference" else OnnxBeamEngine
-    return engine_class(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history)
+    if settings.engine == "reference":
+        return ReferenceBeamEngine(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history)
+    # One worker never overlaps its own batches: a second session would only hold memory.
+    busy_threads = (settings.busy_intra_op_threads or threads) if settings.engine_workers > 1 else None
+    return OnnxBeamEngine(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history,
+                          busy_intra_op_threads=busy_threads)
 
 
 def build_store(settings: Settings, max_history: int) -> HistoryStore:

@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     gil_switch_interval_ms: float = Field(1.0, gt=0)
     # onnxruntime intra-op threads per batch; 0 -> one per CPU, for every worker (engine_threads, below).
     intra_op_threads: int = Field(0, ge=0)
+    # Threads of a batch that starts while another batch is computing (CPU, more than one worker):
+    # overlapping batches split the cores instead of contending for all of them. 0 -> intra_op_threads.
+    busy_intra_op_threads: int = Field(1, ge=0)
     # One log line per HTTP request; off by default because /metrics already counts requests and
     # formatting the line costs CPU the engine needs on small machines.
     access_log: bool = False
@@ -79,7 +82,8 @@ def engine_threads(intra_op_threads: int, cores: int) -> int:
     the cores (the threads sleep when out of work). On 2 cores, 2 workers of batch 8: closed-loop
     throughput at one round of batches in flight 95% of the best, so the knee stays there (share
     outside the engine 0.18), against 87% with the workers splitting the cores (knee at 1.5 rounds,
-    share 0.37)."""
+    share 0.37). A batch that starts while another computes takes busy_intra_op_threads instead
+    (OnnxBeamEngine's second session)."""
     return intra_op_threads or cores
 
 

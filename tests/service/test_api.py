@@ -60,10 +60,16 @@ def test_engine_threads_default_to_every_core(setting, cores, threads) -> None:
     assert engine_threads(setting, cores) == threads
 
 
-def test_every_engine_worker_may_use_every_core(demo_bundle_dir: Path) -> None:
-    with TestClient(create_app(make_settings(demo_bundle_dir, engine_workers=2))) as client:
-        session = client.app.state.genrec.serving.engine.session
-        assert session.get_session_options().intra_op_num_threads == (os.cpu_count() or 1)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_batch_computing_alone_may_use_every_core_and_overlapping_ones_one_each(demo_bundle_dir: Path, workers: int) -> None:
+    cores = os.cpu_count() or 1
+    with TestClient(create_app(make_settings(demo_bundle_dir, engine_workers=workers))) as client:
+        engine = client.app.state.genrec.serving.engine
+        assert engine.session.get_session_options().intra_op_num_threads == cores
+        if workers == 1 or cores == 1:  # nothing overlaps, or one thread already: no second session
+            assert engine.busy_session is engine.session
+        else:
+            assert engine.busy_session.get_session_options().intra_op_num_threads == 1
 
 
 def test_startup_sets_the_gil_switch_interval(demo_bundle_dir: Path) -> None:

@@ -75,6 +75,38 @@ def test_io_binding_path_matches_plain_feeds(demo_bundle: Bundle) -> None:
     assert_same_results(bound.search(histories), plain.search(histories))
 
 
+def test_a_call_starting_while_another_computes_runs_on_the_busy_session(demo_bundle: Bundle) -> None:
+    engine = OnnxBeamEngine(demo_bundle, providers="cpu", intra_op_threads=2, busy_intra_op_threads=1)
+    assert engine.busy_session is not engine.session
+    assert engine.busy_session.get_session_options().intra_op_num_threads == 1
+    histories = random_histories(np.random.default_rng(3), demo_bundle.num_items, batch=4, max_len=20)
+    calls: list[str] = []
+    answers: list[tuple[np.ndarray, np.ndarray]] = []
+    lone_run, busy_run = engine.session.run, engine.busy_session.run
+
+    def run_alone(*args, **kwargs):
+        calls.append("alone")
+        if len(calls) == 1:  # while this call computes, another one starts
+            answers.append(engine.search(histories))
+        return lone_run(*args, **kwargs)
+
+    def run_busy(*args, **kwargs):
+        calls.append("busy")
+        return busy_run(*args, **kwargs)
+
+    engine.session.run, engine.busy_session.run = run_alone, run_busy
+    answers.append(engine.search(histories))
+    answers.append(engine.search(histories))  # alone again once the others finished
+    assert calls == ["alone", "busy", "alone"]
+    assert_same_results(answers[0], answers[1])
+
+
+def test_one_session_when_the_busy_threads_are_the_same(demo_bundle: Bundle) -> None:
+    for busy in (None, 1):
+        engine = OnnxBeamEngine(demo_bundle, providers="cpu", intra_op_threads=1, busy_intra_op_threads=busy)
+        assert engine.busy_session is engine.session
+
+
 def subset_catalog(bundle: Bundle, keep: np.ndarray) -> Bundle:
     """The same model over a smaller catalog: the trie is a graph input, so no re-export is needed."""
     return dataclasses.replace(
