@@ -745,7 +745,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         # while another computes gets one thread (busy 1) or every core too (busy 0, sharing them).
         # Which is better depends on the machine: one thread each gave 1.2-1.5x the engine throughput
         # on a slow 2-core machine, sharing kept the knee at one round on a fast one. A window of 0 ms
-        # (each batch takes only what is queued) was never the widest margin with up to `cores` workers.
+        # (each batch takes only what is queued) was never the pick with up to `cores` workers (runs C-P).
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t, "busy_intra_op_threads": busy}
                 for w in sorted({1, cores}) for busy in ((0,) if w == 1 else (1, 0)) for b in (4, 8, 16) for t in (2.0, 5.0)]
         grid = [g for g in grid if all(fixed[k] is None or g[k] == fixed[k] for k in g)]
