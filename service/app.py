@@ -117,7 +117,7 @@ def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEn
     if settings.engine == "reference":
         return ReferenceBeamEngine(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history)
     # One worker never overlaps its own batches: a second session would only hold memory.
-    busy_threads = (settings.busy_intra_op_threads or threads) if settings.engine_workers > 1 else None
+    busy_threads = settings.busy_intra_op_threads if settings.engine_workers > 1 else None
     return OnnxBeamEngine(bundle, providers=settings.onnx_providers, intra_op_threads=threads, max_history=max_history,
                           busy_intra_op_threads=busy_threads)
 

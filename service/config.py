@@ -77,14 +77,13 @@ class Settings(BaseSettings):
 
 
 def engine_threads(intra_op_threads: int, cores: int) -> int:
-    """onnxruntime threads per engine call: `intra_op_threads` when set, else every core for every
-    worker. A batch that computes alone (the other worker's requests are between answer and next
-    request, or the load is light) then uses every core instead of one, and overlapping batches share
-    the cores (the threads sleep when out of work). On 2 cores, 2 workers of batch 8: closed-loop
-    throughput at one round of batches in flight 95% of the best, so the knee stays there (share
-    outside the engine 0.18), against 87% with the workers splitting the cores (knee at 1.5 rounds,
-    share 0.37). A batch that starts while another computes takes busy_intra_op_threads instead
-    (OnnxBeamEngine's second session)."""
+    """onnxruntime threads of an engine call that computes alone: `intra_op_threads` when set, else
+    every core. Such a batch (the other worker's requests are between answer and next request, or
+    the load is light) then uses every core instead of one: on 2 cores, 2 workers of batch 8,
+    closed-loop throughput at one round of batches in flight 95% of the best, so the knee stays there
+    (share outside the engine 0.18), against 87% with the workers splitting the cores (knee at 1.5
+    rounds, share 0.37). A batch that starts while another computes takes busy_intra_op_threads
+    instead (OnnxBeamEngine's second session)."""
     return intra_op_threads or cores
 
 
