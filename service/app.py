@@ -89,6 +89,7 @@ async def start_serving(
         engine_workers=settings.engine_workers,
         engine_nice=settings.engine_nice,
         pin_engine_threads=settings.pin_engine_threads,
+        close_when_none_coming=settings.close_when_none_coming,
         metrics=metrics,
     )
     await batcher.start()
@@ -290,6 +291,5 @@ class RequestMetricsMiddleware:
             self.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
-            self.metrics.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+            self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 

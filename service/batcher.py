@@ -166,6 +166,7 @@ class MicroBatcher:
         engine_workers: int = 1,
         engine_nice: int = 0,
         pin_engine_threads: bool | None = False,
+        close_when_none_coming: bool = True,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -184,6 +185,18 @@ class MicroBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
+        self.close_when_none_coming = close_when_none_coming
+        self._coming = 0  # requests admitted by the route that have not reached submit yet
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Marks a request on its way to submit (reading its history): an open batch waits for it
+        (within max_wait_ms) instead of closing, and closes at once when none is on its way."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     @property
     def queue_size(self) -> int:
@@ -270,6 +283,11 @@ class MicroBatcher:
                     continue
                 except asyncio.QueueEmpty:
                     pass
+                if self.close_when_none_coming and self._coming == 0 and not self._free_workers.locked():
+                    # Nothing queued or on its way and a worker stays free for what comes next:
+                    # waiting would only add latency. On the last free worker the window runs out,
+                    # filling the batch, as later requests would wait for a worker anyway.
+                    break
                 remaining = close_at - loop.time()
                 if remaining <= 0:
                     break

@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     # Q-S; the sweep, judging each setting against its own peak, picks differently from run to run
     # there (README, runs C-S); a GPU wants far larger batches.
     max_wait_ms: float = Field(2.0, ge=0)
+    # A batch closes before max_wait_ms when nothing is queued, no request is reading its history and
+    # another engine worker is free: waiting then only adds latency (p50 at 30% of peak 10.7 against
+    # 11.8 ms on 2 cores). On the last free worker the window always runs, so bursts fill batches.
+    close_when_none_coming: bool = True
     # Requests waiting for the engine beyond this many -> 429.
     max_queue_size: int = Field(256, ge=1)
     # Deadline per request from arrival; past it -> 503.

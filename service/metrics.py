@@ -12,6 +12,7 @@ LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("history", "queue", "engine", "response")
 REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready", "body_too_large")
+STRATEGIES = ("generative", "popular")
 
 
 class ServiceMetrics:
@@ -59,12 +60,25 @@ class ServiceMetrics:
             "genrec_recommendations_total", "Recommendation responses by strategy", ["strategy"], registry=r
         )
         self.model_info = Gauge("genrec_model_info", "The bundle being served (value 1)", ["name", "version"], registry=r)
-        for stage in STAGES:  # export every series from the start, so dashboards see zeros, not gaps
-            self.stage_duration.labels(stage=stage)
+        # Series bound once: labels() validates and locks on every call, a cost paid per request.
+        # Binding every stage here also exports them from the start (dashboards see zeros, not gaps).
+        self.stages = {stage: self.stage_duration.labels(stage=stage) for stage in STAGES}
+        self.strategies = {strategy: self.recommendations.labels(strategy=strategy) for strategy in STRATEGIES}
+        self._request_series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
         for operation in ("read", "write"):
             self.history_errors.labels(operation=operation)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its duration; endpoint is a route template (a small set)."""
+        series = self._request_series.get((endpoint, status))
+        if series is None:
+            series = (self.requests.labels(endpoint=endpoint, status=str(status)),
+                      self.request_duration.labels(endpoint=endpoint))
+            self._request_series[(endpoint, status)] = series
+        series[0].inc()
+        series[1].observe(seconds)
 
     def set_model(self, name: str, version: str) -> None:
         self.model_info.clear()

@@ -5,7 +5,7 @@ import asyncio
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from service.deps import Serving, ServingDep
 from service.history import HistoryStoreError
@@ -22,16 +22,17 @@ _PREVIEW = 10  # unknown ids quoted in a warning
     responses=ERROR_RESPONSES,
     summary="Recommend the next items for a history or a user",
 )
-async def recommend(body: RecommendRequest, serving: ServingDep) -> RecommendResponse:
+async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + serving.settings.request_timeout_ms / 1000.0
     metrics = serving.metrics
     warnings: list[str] = []
 
-    raw_history, degraded = await _resolve_history(body, serving, warnings)
+    with serving.batcher.coming():
+        raw_history, degraded = await _resolve_history(body, serving, warnings)
     history_done = loop.time()
-    metrics.stage_duration.labels(stage="history").observe(history_done - started)
+    metrics.stages["history"].observe(history_done - started)
 
     known, unknown = serving.bundle.lookup(raw_history)
     if unknown:
@@ -44,8 +45,8 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> RecommendRes
 
     if model_history:
         result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline)
-        metrics.stage_duration.labels(stage="queue").observe(result.queue_wait_s)
-        metrics.stage_duration.labels(stage="engine").observe(result.engine_s)
+        metrics.stages["queue"].observe(result.queue_wait_s)
+        metrics.stages["engine"].observe(result.engine_s)
         response_started = loop.time()
         strategy = "generative"
         ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, serving.bundle.popularity, body.k, excluded)
@@ -70,9 +71,11 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> RecommendRes
         degraded=degraded,
         warnings=warnings,
     )
-    metrics.recommendations.labels(strategy=strategy).inc()
-    metrics.stage_duration.labels(stage="response").observe(loop.time() - response_started)
-    return response
+    metrics.strategies[strategy].inc()
+    metrics.stages["response"].observe(loop.time() - response_started)
+    # Serialized here, once: a returned model would be validated and serialized again by FastAPI
+    # against response_model, which the OpenAPI schema still documents.
+    return Response(response.model_dump_json(), media_type="application/json")
 
 
 async def _resolve_history(body: RecommendRequest, serving: Serving, warnings: list[str]) -> tuple[list[str], bool]:

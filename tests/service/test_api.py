@@ -97,6 +97,8 @@ def test_metrics_endpoint_exposes_model_and_requests(client: TestClient, demo_bu
     assert f'genrec_model_info{{name="{demo_bundle.name}",version="{demo_bundle.version}"}} 1.0' in text
     assert 'genrec_requests_total{endpoint="/recommend",status="200"} 1.0' in text
     assert 'genrec_requests_total{endpoint="/recommend",status="422"} 1.0' in text
+    assert metric(client, "genrec_request_duration_seconds_count", {"endpoint": "/recommend"}) == 2
+    assert metric(client, "genrec_recommendations_total", {"strategy": "generative"}) == 1
     for stage in ("history", "queue", "engine", "response"):
         assert metric(client, "genrec_stage_duration_seconds_count", {"stage": stage}) == 1
     assert metric(client, "genrec_batch_size_count") is not None and metric(client, "genrec_batch_size_count") >= 1
@@ -344,6 +346,9 @@ def test_openapi_documents_examples_and_errors(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     recommend = schema["paths"]["/recommend"]["post"]
     assert {"200", "413", "422", "429", "503"} <= set(recommend["responses"])
+    # the route returns pre-serialized JSON; the schema still documents the response model
+    ok_schema = recommend["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok_schema == {"$ref": "#/components/schemas/RecommendResponse"}
     assert schema["components"]["schemas"]["RecommendRequest"]["examples"]
     assert "/users/{user_id}/events" in schema["paths"]
 

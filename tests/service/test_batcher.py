@@ -56,6 +56,70 @@ def test_batch_closes_at_max_wait() -> None:
     asyncio.run(main())
 
 
+def test_with_a_spare_worker_a_batch_closes_at_once_when_nothing_is_coming() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=5_000, engine_workers=2)
+        await batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(np.array([1]), deadline_in(10))
+        assert time.perf_counter() - started < 2.0  # far below the 5 s window
+        assert engine.batch_sizes == [1]
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_a_batch_waits_for_a_request_still_reading_its_history() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=5_000, engine_workers=2)
+        await batcher.start()
+
+        async def late_request() -> None:
+            with batcher.coming():  # admitted, reading its history
+                await asyncio.sleep(0.05)
+            await batcher.submit(np.array([2]), deadline_in(10))
+
+        late = asyncio.create_task(late_request())
+        await asyncio.sleep(0)  # the late request is on its way before the first is queued
+        started = time.perf_counter()
+        await asyncio.gather(batcher.submit(np.array([1]), deadline_in(10)), late)
+        assert engine.batch_sizes == [2]  # one batch: the first waited for the one coming
+        assert time.perf_counter() - started < 2.0  # and closed when it arrived, not at the window
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_on_the_last_free_worker_a_batch_waits_out_the_window() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=200, engine_workers=1)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(np.array([1]), deadline_in(10)))
+        await asyncio.sleep(0.05)  # nothing coming, but later requests would wait for the one worker
+        await asyncio.gather(first, batcher.submit(np.array([2]), deadline_in(10)))
+        assert engine.batch_sizes == [2]
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_closing_early_can_be_turned_off() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=200, engine_workers=2, close_when_none_coming=False)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(np.array([1]), deadline_in(10)))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(first, batcher.submit(np.array([2]), deadline_in(10)))
+        assert engine.batch_sizes == [2]
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
 def test_requests_beyond_max_batch_size_go_to_the_next_batch() -> None:
     async def main() -> None:
         engine = FakeEngine()
