@@ -737,7 +737,7 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
     else:
         # Each setting: its peak, then open-loop Poisson arrivals at 70% of that peak. The chosen one
         # meets both targets (p99 <= 50 ms at 70% of its own peak, outside share <= 0.25 at peak)
-        # with the widest margin (choose_setting); failing that, the one meeting p99 with the lowest
+        # with the widest margin (rank_settings); failing that, the one meeting p99 with the lowest
         # outside share; failing that, the lowest p99. Larger batches and a short window raise the peak
         # and cut the share outside the engine; smaller ones cut the engine call and so the tail at 70%.
         # Threads: every core for a batch computing alone (engine_threads), so one computing while
@@ -749,40 +749,39 @@ def end_to_end(args, bundle: Bundle, served: Path, redis_url: str, work: Path, q
         grid = [{"engine_workers": w, "max_batch_size": b, "max_wait_ms": t, "busy_intra_op_threads": busy}
                 for w in sorted({1, cores}) for busy in ((0,) if w == 1 else (1, 0)) for b in (4, 8, 16) for t in (2.0, 5.0)]
         grid = [g for g in grid if all(fixed[k] is None or g[k] == fixed[k] for k in g)]
-        tuning_rows = []
-        for setting in grid:
+
+        def measure_setting(setting: dict, seconds_each: float, window_s: float, seed: int) -> dict:
             svc = run_service(setting)
             try:
-                make = request_factory(svc.port, user_ids, seed=setting["max_batch_size"])
-                peaks = [find_peak(svc, make, setting, 3.0)[0]]
-                windows = [measure(svc, make, "open", 0.7 * peaks[0]["achieved_rps"], 5.0, seed=setting["max_batch_size"])]
-                if meets_both_targets(windows[0]["p99_ms"], peaks[0].get("outside_share_service")):
-                    # One lucky pass must not decide: the knee (and with it the share outside the engine)
-                    # and the tail both move between windows, so a candidate is measured again, peak and
-                    # 70% window, over the final measurement's longer windows, and judged by the worse of
-                    # each. (Over 3-s windows the knee of 2 or 3 workers fell at one round of batches in
-                    # flight, share 0.15-0.22; over the final's 8-s windows at 1.5 rounds, share 0.36.)
-                    peaks.append(find_peak(svc, make, setting, seconds)[0])
-                    windows.append(measure(svc, make, "open", 0.7 * min(p["achieved_rps"] for p in peaks), seconds,
-                                           seed=100 + setting["max_batch_size"]))
+                make = request_factory(svc.port, user_ids, seed=seed)
+                peak = find_peak(svc, make, setting, seconds_each)[0]
+                window = measure(svc, make, "open", 0.7 * peak["achieved_rps"], window_s, seed=seed)
             finally:
                 svc.stop()
-            peak_row = min(peaks, key=lambda r: r["achieved_rps"])
-            shares = [p.get("outside_share_service") for p in peaks]
-            worst_share = None if None in shares else max(shares)
-            at70 = max(windows, key=lambda r: r["p99_ms"])
-            tuning_rows.append(setting | {"peak_rps": peak_row["achieved_rps"], "peak_p99_ms": peak_row["p99_ms"],
-                                          "outside_share_at_peak": worst_share,
-                                          "outside_share_at_peak_windows": [_round(x) for x in shares],
-                                          "one_round_fraction": min(p["one_round_fraction"] for p in peaks),
-                                          "rps_at_70pct": at70["achieved_rps"], "p50_ms_at_70pct": at70["p50_ms"],
-                                          "p99_ms_at_70pct": at70["p99_ms"], "mean_batch_at_70pct": at70.get("mean_batch"),
-                                          "p99_ms_at_70pct_windows": [round(r["p99_ms"], 1) for r in windows]})
-            log(f"  {setting}: peak {peak_row['achieved_rps']:.0f} req/s, outside share "
-                f"{_fmt(worst_share)}; at 70% p99 {at70['p99_ms']:.1f} ms")
+            return {"peak": peak, "window": window}
+
+        measured: dict[tuple, list[dict]] = {}
+        tuning_rows = []
+        for g in grid:
+            measured[key(g)] = [measure_setting(g, 3.0, 5.0, seed=g["max_batch_size"])]
+            tuning_rows.append(setting_row(g, measured[key(g)]))
+            log(f"  {g}: peak {tuning_rows[-1]['peak_rps']:.0f} req/s, outside share "
+                f"{_fmt(tuning_rows[-1]['outside_share_at_peak'])}; at 70% p99 {tuning_rows[-1]['p99_ms_at_70pct']:.1f} ms")
         table("Micro-batcher settings (peak: closed loop; then open loop at 70% of that peak)", tuning_rows)
-        chosen = choose_setting(tuning_rows)
-        setting = {k: chosen[k] for k in ("engine_workers", "max_batch_size", "max_wait_ms", "busy_intra_op_threads")}
+        # One pass over 3-s windows ranks the grid, but its leaders are the ones luck favoured most in
+        # that pass (runs Q-S: each pick missed a target in its final measurement while the default
+        # met both in fixed runs). The leaders are measured again, interleaved, over the final's
+        # windows, and the choice rests on each one's worst measurement.
+        finalists = [{k: r[k] for k in SETTING_KEYS} for r in rank_settings(tuning_rows)[:FINALISTS]]
+        for round_index in range(FINALIST_ROUNDS):
+            for setting in finalists:
+                measured[key(setting)].append(measure_setting(setting, seconds, seconds, seed=100 * (round_index + 1)
+                                                              + setting["max_batch_size"]))
+        final_rows = [setting_row(f, measured[key(f)]) for f in finalists]
+        table(f"Finalists: each one's worst of the sweep and {FINALIST_ROUNDS} interleaved passes over {seconds:.0f}-s windows",
+              final_rows)
+        chosen = rank_settings(final_rows)[0]
+        setting = {k: chosen[k] for k in SETTING_KEYS}
         log(f"  chosen: {setting}")
 
     svc = run_service(setting)
@@ -846,6 +845,34 @@ def meets_both_targets(p99_ms_at_70pct: float, outside_share_at_peak: float | No
             and outside_share_at_peak <= OUTSIDE_SHARE_TARGET)
 
 
+SETTING_KEYS = ("engine_workers", "max_batch_size", "max_wait_ms", "busy_intra_op_threads")
+FINALISTS = 3  # the sweep's leaders measured again
+FINALIST_ROUNDS = 2
+
+
+def key(setting: dict) -> tuple:
+    return tuple(setting[k] for k in SETTING_KEYS)
+
+
+def setting_row(setting: dict, measurements: list[dict]) -> dict:
+    """A setting judged by its worst measurement: each one is a peak (closed-loop knee) and an
+    open-loop window at 70% of that peak; the least peak, the largest share outside the engine at
+    peak, the least one-round fraction and the largest p99 at 70%."""
+    peaks = [m["peak"] for m in measurements]
+    windows = [m["window"] for m in measurements]
+    shares = [p.get("outside_share_service") for p in peaks]
+    peak_row = min(peaks, key=lambda r: r["achieved_rps"])
+    at70 = max(windows, key=lambda r: r["p99_ms"])
+    return {k: setting[k] for k in SETTING_KEYS} | {
+        "peak_rps": peak_row["achieved_rps"], "peak_p99_ms": peak_row["p99_ms"],
+        "outside_share_at_peak": None if None in shares else max(shares),
+        "outside_share_at_peak_windows": [_round(x) for x in shares],
+        "one_round_fraction": min(p["one_round_fraction"] for p in peaks),
+        "rps_at_70pct": at70["achieved_rps"], "p50_ms_at_70pct": at70["p50_ms"], "p99_ms_at_70pct": at70["p99_ms"],
+        "mean_batch_at_70pct": at70.get("mean_batch"), "p99_ms_at_70pct_windows": [round(r["p99_ms"], 1) for r in windows],
+    }
+
+
 def target_margin(row: dict) -> float:
     """How far a setting that meets both targets is from missing one, as a fraction of each target's
     room: p99 at 70% below 50 ms, the share below 0.25, and one-round throughput above the knee's 90%
@@ -857,20 +884,22 @@ def target_margin(row: dict) -> float:
                (row["one_round_fraction"] - KNEE_FRACTION) / (1.0 - KNEE_FRACTION))
 
 
-def choose_setting(rows: list[dict]) -> dict:
-    """Both e2e targets met: the widest margin (target_margin: the final measurement's fresh windows
-    at a shared machine's other moments must still meet both, which the highest-rps candidate,
-    nearest its knee, most often did not); else p99 met: the lowest outside share; else the lowest p99."""
+def rank_settings(rows: list[dict]) -> list[dict]:
+    """Best first: settings meeting both e2e targets by their margin (target_margin: fresh windows at a
+    shared machine's other moments must still meet both, which the highest-rps candidate, nearest its
+    knee, most often did not); then those meeting p99 by the lowest outside share; then the rest by
+    the lowest p99."""
     def share(r: dict) -> float:
         return 1.0 if r.get("outside_share_at_peak") is None else r["outside_share_at_peak"]
 
-    meets_p99 = [r for r in rows if r["p99_ms_at_70pct"] <= P99_BUDGET_MS]
-    meets_both = [r for r in rows if meets_both_targets(r["p99_ms_at_70pct"], r.get("outside_share_at_peak"))]
-    if meets_both:
-        return max(meets_both, key=target_margin)
-    if meets_p99:
-        return min(meets_p99, key=share)
-    return min(rows, key=lambda r: r["p99_ms_at_70pct"])
+    def order(r: dict) -> tuple:
+        if meets_both_targets(r["p99_ms_at_70pct"], r.get("outside_share_at_peak")):
+            return (0, -target_margin(r))
+        if r["p99_ms_at_70pct"] <= P99_BUDGET_MS:
+            return (1, share(r))
+        return (2, r["p99_ms_at_70pct"])
+
+    return sorted(rows, key=order)
 
 
 def _round(x):
