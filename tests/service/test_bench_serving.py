@@ -56,6 +56,22 @@ def test_without_both_targets_met_the_sweep_takes_p99_first_then_the_lowest_p99(
     assert bench_serving.rank_settings(neither)[0] is neither[1]
 
 
+def test_finalists_are_the_settings_meeting_both_targets_with_the_most_peak(bench_serving):
+    def row(peak: float, p99: float, share: float) -> dict:
+        return _setting(p99, share, 0.7 * peak) | {"peak_rps": peak}
+
+    low, middle, high, fails_p99, fails_share = (row(345.0, 26.5, 0.13), row(576.0, 47.0, 0.15), row(683.0, 40.0, 0.16),
+                                                 row(770.0, 123.0, 0.35), row(428.0, 48.0, 0.50))
+    rows = [low, middle, high, fails_p99, fails_share]
+    assert bench_serving.pick_finalists(rows) == [high, middle, low]
+    # fewer than three meet both: the rest come in rank_settings' order (p99 met, lowest share first)
+    assert bench_serving.pick_finalists([fails_p99, high, fails_share]) == [high, fails_share, fails_p99]
+    # judged by their worst measurements: the most peak among those still meeting both
+    assert bench_serving.choose_finalist([low, middle, high]) is high
+    assert bench_serving.choose_finalist([low, row(683.0, 55.0, 0.16)]) is low
+    assert bench_serving.choose_finalist([fails_p99, fails_share]) is fails_share
+
+
 def _measurement(rps: float, share: float | None, one_round: float, p99: float) -> dict:
     return {"peak": {"achieved_rps": rps, "p99_ms": 20.0, "outside_share_service": share, "one_round_fraction": one_round},
             "window": {"achieved_rps": 0.7 * rps, "p50_ms": 15.0, "p99_ms": p99, "mean_batch": 3.0}}
