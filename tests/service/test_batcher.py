@@ -92,27 +92,16 @@ def test_a_batch_waits_for_a_request_still_reading_its_history() -> None:
     asyncio.run(main())
 
 
-def test_on_the_last_free_worker_a_batch_waits_out_the_window() -> None:
+@pytest.mark.parametrize(("engine_workers", "close_when_none_coming"), [(1, True), (2, False)],
+                         ids=["on-the-last-free-worker", "closing-early-turned-off"])
+def test_a_batch_waits_out_the_window(engine_workers: int, close_when_none_coming: bool) -> None:
     async def main() -> None:
         engine = FakeEngine()
-        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=200, engine_workers=1)
+        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=200, engine_workers=engine_workers,
+                               close_when_none_coming=close_when_none_coming)
         await batcher.start()
         first = asyncio.create_task(batcher.submit(np.array([1]), deadline_in(10)))
-        await asyncio.sleep(0.05)  # nothing coming, but later requests would wait for the one worker
-        await asyncio.gather(first, batcher.submit(np.array([2]), deadline_in(10)))
-        assert engine.batch_sizes == [2]
-        await batcher.close(1.0)
-
-    asyncio.run(main())
-
-
-def test_closing_early_can_be_turned_off() -> None:
-    async def main() -> None:
-        engine = FakeEngine()
-        batcher = make_batcher(engine, max_batch_size=8, max_wait_ms=200, engine_workers=2, close_when_none_coming=False)
-        await batcher.start()
-        first = asyncio.create_task(batcher.submit(np.array([1]), deadline_in(10)))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # nothing coming; with one worker, later requests would wait for it anyway
         await asyncio.gather(first, batcher.submit(np.array([2]), deadline_in(10)))
         assert engine.batch_sizes == [2]
         await batcher.close(1.0)
