@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     # ...or when its first request has waited this long. Defaults (with 2 engine workers): the most
     # req/s within a 50 ms p99 in earlier `make bench-serving` runs on 2 CPU cores, and met every
     # target in two fixed-setting runs after runs L-P, in three (busy_intra_op_threads 1) in runs
-    # Q-S and in one after runs T-V's changes; the sweep, judging each setting against its own peak,
-    # picks differently from run to run there (README, runs C-V); a GPU wants far larger batches.
+    # Q-S and in two around runs T-W; the sweep, judging each setting against its own peak,
+    # picks differently from run to run there (README, runs C-W); a GPU wants far larger batches.
     max_wait_ms: float = Field(2.0, ge=0)
     # A batch closes before max_wait_ms when nothing is queued, no request is reading its history and
     # another engine worker is free: waiting then only adds latency (p50 at 30% of peak 10.7 against
