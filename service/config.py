@@ -30,11 +30,10 @@ class Settings(BaseSettings):
     max_history: int | None = Field(None, ge=1)
     # A micro-batch closes when it has this many requests...
     max_batch_size: int = Field(8, ge=1)
-    # ...or when its first request has waited this long. Defaults (with 2 engine workers): the most
-    # req/s within a 50 ms p99 in earlier `make bench-serving` runs on 2 CPU cores, and met every
-    # target in two fixed-setting runs after runs L-P, in three (busy_intra_op_threads 1) in runs
-    # Q-S and in two around runs T-W; the sweep, judging each setting against its own peak,
-    # picks differently from run to run there (README, runs C-W); a GPU wants far larger batches.
+    # ...or when its first request has waited this long. Defaults (batches of 8, a 2 ms window, 2 engine
+    # workers): on 2 CPU cores they served the most req/s within a 50 ms p99 and met every serving
+    # target in the latest fixed-setting runs (docs/results.md). A GPU wants far larger batches: up to
+    # batch 64 a call there costs about the same whatever its size.
     max_wait_ms: float = Field(2.0, ge=0)
     # A batch closes before max_wait_ms when nothing is queued, no request is reading its history and
     # another engine worker is free: waiting then only adds latency (p50 at 30% of peak 10.7 against
