@@ -2,25 +2,10 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
-from pathlib import Path
 
-import pytest
+import loadgen
 
-LOADGEN = Path(__file__).resolve().parents[2] / "benchmarks" / "loadgen.py"
-
-
-@pytest.fixture(scope="module")
-def loadgen():
-    spec = importlib.util.spec_from_file_location("bench_loadgen", LOADGEN)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-async def _serve_then_load(loadgen, fail_every: int, rate: float, seconds: float):
+async def _serve_then_load(fail_every: int, rate: float, seconds: float):
     """A keep-alive HTTP server on a loopback port that answers 500 to every fail_every-th request."""
     answered = 0
 
@@ -44,20 +29,20 @@ async def _serve_then_load(loadgen, fail_every: int, rate: float, seconds: float
         return await loadgen.open_loop("127.0.0.1", port, lambda i: raw, rate, seconds, seed=3)
 
 
-def test_open_loop_counts_every_arrival(loadgen) -> None:
-    result = asyncio.run(_serve_then_load(loadgen, fail_every=0, rate=200.0, seconds=0.5))
+def test_open_loop_counts_every_arrival() -> None:
+    result = asyncio.run(_serve_then_load(fail_every=0, rate=200.0, seconds=0.5))
     assert result.sent is not None and result.sent > 50
     assert result.ok == result.sent
     assert result.summary()["sent"] == result.sent
 
 
-def test_open_loop_failures_leave_ok_short_of_sent(loadgen) -> None:
-    result = asyncio.run(_serve_then_load(loadgen, fail_every=4, rate=200.0, seconds=0.5))
+def test_open_loop_failures_leave_ok_short_of_sent() -> None:
+    result = asyncio.run(_serve_then_load(fail_every=4, rate=200.0, seconds=0.5))
     assert result.ok < result.sent
     assert result.ok + result.statuses.get(500, 0) == result.sent
 
 
-def test_the_pool_retires_connections_idle_past_the_servers_keep_alive(loadgen, monkeypatch) -> None:
+def test_the_pool_retires_connections_idle_past_the_servers_keep_alive(monkeypatch) -> None:
     async def main() -> tuple[bool, int]:
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await reader.read()  # hold the connection until the client closes it
