@@ -30,11 +30,12 @@ sys.path.insert(0, str(REPO))
 
 import training.model  # noqa: E402
 from training.data import leave_one_out, load_dataset  # noqa: E402
-from training.embeddings import embed_items, get_text_encoder  # noqa: E402
 from training.model import NEG, GenerativeRecommender, Seq2SeqConfig  # noqa: E402
-from training.pipeline import fit_semantic_ids  # noqa: E402
+from training.batching import collate_sequences, pad_histories, sequence_batches  # noqa: E402
+from training.configs import get_config  # noqa: E402
+from training.optim import adamw, bf16_autocast_is_fast  # noqa: E402
+from training.pipeline import fit_semantic_ids, pipeline_views  # noqa: E402
 from training.tokenizers.base import assign_semantic_ids  # noqa: E402
-from training.train import adamw, bf16_autocast_is_fast, collate_sequences, pad_histories, sequence_batches  # noqa: E402
 
 BATCH = 256
 SMALL_BATCHES = (64, 128)  # sequences per step, against the loop's BATCH
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
 
     dataset = load_dataset("beauty")
     splits = leave_one_out(dataset, max_history=HISTORY)
-    embeddings = embed_items(dataset.texts, get_text_encoder("all-MiniLM-L6-v2"))
-    raw_codes, tokenizer, _ = fit_semantic_ids(embeddings, "rqkmeans", {}, seed=0)
+    cfg = get_config("beauty-rqkmeans-text")
+    raw_codes, tokenizer, _ = fit_semantic_ids(pipeline_views(cfg, dataset), cfg, seed=0)
     semantic_ids, _ = assign_semantic_ids(raw_codes, tokenizer.codebook_sizes)
     codes = torch.as_tensor(semantic_ids, dtype=torch.long)
     sizes = [int(v) for v in semantic_ids.max(axis=0) + 1]

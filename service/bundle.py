@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-SUPPORTED_SCHEMA_VERSIONS = frozenset({1})
+# Bump when the bundle's layout or graph contract changes; the service reads this version only.
 SCHEMA_VERSION = 1
 # Files every bundle must list (and so checksum); the graphs are checked by the engine that uses them.
 REQUIRED_FILES = ("semantic_ids.npy", "items.jsonl", "popularity.npy")
@@ -40,9 +40,61 @@ def file_digests(bundle_dir: Path, names: Iterable[str]) -> dict[str, str]:
 
 
 @dataclass(frozen=True)
+class Manifest:
+    """manifest.json: what the exporter writes and the service reads."""
+    name: str
+    version: str
+    max_history: int
+    beam_size: int
+    files: dict[str, str]  # file name -> sha256 of every other file of the bundle
+    model: dict[str, Any]  # {"kind": a training.model_kinds name, "config": the kind's config fields}
+    tokenizer: dict[str, Any] = field(default_factory=dict)  # kind, params, levels, codebook sizes, code statistics
+    dataset: str = ""
+    created_at: str = ""
+    text_encoder: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, bundle_dir: Path) -> None:
+        (Path(bundle_dir) / "manifest.json").write_text(json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: Path | str = "manifest.json") -> Manifest:
+        """Validates and builds; BundleError names the key and what to fix."""
+        if not isinstance(data, dict):
+            raise BundleError(f"{source}: expected a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"{source}: schema_version {version!r} is not supported (this service reads "
+                              f"{SCHEMA_VERSION}; re-export the bundle with this version's training code)")
+        missing = [k for k in ("name", "version", "max_history", "beam_size", "files", "model") if k not in data]
+        if missing:
+            raise BundleError(f"{source}: missing keys {missing}")
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise BundleError(f"{source}: 'files' must map file name -> sha256 hex string")
+        unlisted = [name for name in REQUIRED_FILES if name not in files]
+        if unlisted:
+            raise BundleError(f"{source}: 'files' does not list required {unlisted}")
+        for key in ("max_history", "beam_size"):
+            if not isinstance(data[key], int) or data[key] < 1:
+                raise BundleError(f"{source}: {key} must be a positive integer, got {data[key]!r}")
+        if not isinstance(data["model"], dict) or "kind" not in data["model"]:
+            raise BundleError(f"{source}: 'model' must be an object with the model 'kind' and its 'config'")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise BundleError(f"{source}: unknown keys {unknown}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
 class Bundle:
     path: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     semantic_ids: np.ndarray  # (N, L) int32
     item_ids: list[str]  # external id of item index i
     titles: list[str]
@@ -51,23 +103,23 @@ class Bundle:
 
     @property
     def name(self) -> str:
-        return str(self.manifest["name"])
+        return self.manifest.name
 
     @property
     def version(self) -> str:
-        return str(self.manifest["version"])
+        return self.manifest.version
 
     @property
     def dataset(self) -> str:
-        return str(self.manifest.get("dataset", ""))
+        return self.manifest.dataset
 
     @property
     def beam_size(self) -> int:
-        return int(self.manifest["beam_size"])
+        return self.manifest.beam_size
 
     @property
     def max_history(self) -> int:
-        return int(self.manifest["max_history"])
+        return self.manifest.max_history
 
     @property
     def num_items(self) -> int:
@@ -79,7 +131,7 @@ class Bundle:
 
     def file(self, name: str) -> Path:
         """Path of a checksummed file of the bundle; refuses files the manifest does not list."""
-        if name not in self.manifest["files"]:
+        if name not in self.manifest.files:
             raise BundleError(f"{self.path}: manifest.json does not list {name!r} in 'files'")
         return self.path / name
 
@@ -100,7 +152,7 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
     path = Path(bundle_dir)
     manifest = _read_manifest(path)
     if verify_checksums:
-        _verify_files(path, manifest["files"])
+        _verify_files(path, manifest.files)
 
     semantic_ids = _load_array(path / "semantic_ids.npy")
     if semantic_ids.ndim != 2 or not np.issubdtype(semantic_ids.dtype, np.integer) or semantic_ids.size == 0:
@@ -111,7 +163,7 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
     if len(np.unique(semantic_ids, axis=0)) != len(semantic_ids):
         raise BundleError(f"{path}/semantic_ids.npy: rows must be unique (one code tuple per item)")
     n_items, levels = semantic_ids.shape
-    declared_levels = manifest.get("tokenizer", {}).get("levels")
+    declared_levels = manifest.tokenizer.get("levels")
     if declared_levels is not None and int(declared_levels) != levels:
         raise BundleError(f"{path}: manifest tokenizer.levels={declared_levels} but semantic_ids.npy "
                           f"has {levels} levels")
@@ -143,33 +195,15 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
     )
 
 
-def _read_manifest(path: Path) -> dict[str, Any]:
+def _read_manifest(path: Path) -> Manifest:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise BundleError(f"{path}: no manifest.json (is this a models/<name>/<version> dir?)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{manifest_path}: expected a JSON object")
-    version = manifest.get("schema_version")
-    if version not in SUPPORTED_SCHEMA_VERSIONS:
-        raise BundleError(f"{manifest_path}: schema_version {version!r} is not supported "
-                          f"(this service reads {sorted(SUPPORTED_SCHEMA_VERSIONS)})")
-    missing = [k for k in ("name", "version", "max_history", "beam_size", "files") if k not in manifest]
-    if missing:
-        raise BundleError(f"{manifest_path}: missing keys {missing}")
-    files = manifest["files"]
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise BundleError(f"{manifest_path}: 'files' must map file name -> sha256 hex string")
-    unlisted = [name for name in REQUIRED_FILES if name not in files]
-    if unlisted:
-        raise BundleError(f"{manifest_path}: 'files' does not list required {unlisted}")
-    for key in ("max_history", "beam_size"):
-        if not isinstance(manifest[key], int) or manifest[key] < 1:
-            raise BundleError(f"{manifest_path}: {key} must be a positive integer, got {manifest[key]!r}")
-    return manifest
+    return Manifest.from_dict(data, manifest_path)
 
 
 def _verify_files(path: Path, files: dict[str, str]) -> None:

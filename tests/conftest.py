@@ -219,6 +219,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A complete bundle trained in seconds on a synthetic catalog, shared by the whole session."""
-    from training.export import build_demo_bundle
+    from training.pipeline import build_demo_bundle
 
     return build_demo_bundle(tmp_path_factory.mktemp("tiny-bundle"), seed=0)

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from training.export import load_recommender
-from training.train import recommend_topk
+from training.evaluation import recommend_topk
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.model import NEG, GenerativeRecommender
-
-KV = tuple[torch.Tensor, torch.Tensor]
+from training.model import KV, NEG, GenerativeRecommender
 
 
 def slot_grid(trie_codes: torch.Tensor, node: torch.Tensor, grid: int) -> torch.Tensor:
@@ -148,11 +146,11 @@ class ConstrainedBeamSearch(nn.Module):
         self_kv: list[KV] = []
         for step in range(levels):
             k = node.shape[1]
-            x = self.step_input(step, code.reshape(-1), memory[:, -1])  # (B * k, D)
+            x = model.step_input(step, code.reshape(-1), memory[:, -1])  # (B * k, D)
             if step == levels - 1 and step > 0:
                 log_probs = self.last_level_log_probs(x, self_kv, cross_kv, cross_bias, node, trie_codes[step])
             else:
-                hidden, self_kv = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
+                hidden, self_kv = model.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
                 log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
             scores, node, code, rows = constrained_step(log_probs, scores, node, trie_codes[step], trie_offsets[step], beam)
             if step + 1 < levels:  # the new beams inherit their parents' cached keys and values
@@ -177,7 +175,7 @@ class ConstrainedBeamSearch(nn.Module):
         children = (trie_codes[node] >= 0).sum(-1)  # (B, k): padded CSR rows pad with -1, dense rows mark no child -1
         rows = torch.nonzero(children.reshape(-1) > 1).reshape(-1)  # (R,) beams that need the decoder
         request = torch.div(rows, k, rounding_mode="floor")
-        hidden, _ = self.decode_newest(
+        hidden, _ = model.decode_newest(
             x.index_select(0, rows),
             [(key.index_select(0, rows), value.index_select(0, rows)) for key, value in self_kv],
             [(key.index_select(0, request), value.index_select(0, request)) for key, value in cross_kv],
@@ -188,57 +186,6 @@ class ConstrainedBeamSearch(nn.Module):
         log_probs = torch.zeros(x.shape[0], v, dtype=computed.dtype, device=x.device)
         log_probs = log_probs.scatter(0, rows[:, None].expand(-1, v), computed)
         return log_probs.reshape(-1, k, v)
-
-    def step_input(self, step: int, codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
-        """The decoder input at position `step`, as GenerativeRecommender.decoder_inputs builds it:
-        the start token at 0 (newest_memory (B, D), one beam per request there), else the embedding
-        of the previous level's code (codes (S,)); plus the position. -> (S, D)"""
-        model = self.model
-        token = model.decoder_start(newest_memory) if step == 0 else model.code_embeddings[step - 1](codes)
-        return model.dropout(token + model.decoder_positions.weight[step])
-
-    def decode_newest(
-        self, x: torch.Tensor, self_kv: list[KV], cross_kv: list[KV], cross_bias: torch.Tensor, groups: int
-    ) -> tuple[torch.Tensor, list[KV]]:
-        """GenerativeRecommender.decode for the newest position only (eval mode).
-
-        x (S, D): the newest position's input, S = B * groups sequences, the `groups` beams of a
-        request next to each other. self_kv: per layer the earlier positions' self-attention keys
-        and values (S, h, t, hd). cross_kv: per layer the memory's keys (B, h, hd, H), transposed,
-        and values (B, h, H, hd). cross_bias (B, 1, 1, H).
-        Returns (hidden (S, D) after the final norm, self_kv with this position appended).
-
-        Mirrors DecoderLayer.forward and Attention.attend with every reshape written for one
-        position and constant head sizes, so the exported graph has few shape operations; tests
-        hold it equal to model.decode."""
-        new_kv: list[KV] = []
-        for i, (layer, (cross_keys, cross_values)) in enumerate(zip(self.model.decoder_layers, cross_kv)):
-            attn, cross = layer.self_attn, layer.cross_attn
-            heads, head_dim = attn.n_heads, attn.head_dim
-            d = heads * head_dim
-            # q (scaled by 1/sqrt(hd) here, a constant the export folds), then Attention.keys_values'
-            # keys and values (kv's first D outputs, then the next D): one matmul for all three.
-            scale = head_dim**-0.5
-            qkv = nn.functional.linear(layer.norm1(x), torch.cat([attn.q.weight * scale, attn.kv.weight]))  # (S, 3D)
-            q = qkv[:, :d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
-            key = qkv[:, d : 2 * d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
-            value = qkv[:, 2 * d :].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
-            if self_kv:
-                key, value = torch.cat([self_kv[i][0], key], dim=-2), torch.cat([self_kv[i][1], value], dim=-2)
-            new_kv.append((key, value))
-            # One query over at most L positions: products and sums over rows of hd, not S * h matmuls
-            # of one row (onnxruntime runs a batched MatMul as one small GEMM per head and sequence).
-            weights = (q * key).sum(-1).softmax(-1)  # (S, h, t): earlier positions only, no mask
-            attended = (weights[..., None] * value).sum(-2)  # (S, h, hd)
-            x = x + layer.dropout(attn.out(attended.reshape(-1, d)))
-            # Beams of one request share the memory: fold them into the query axis.
-            q = nn.functional.linear(layer.norm2(x), cross.q.weight * scale)
-            q = q.reshape(-1, groups, heads, head_dim).transpose(1, 2)  # (B, h, groups, hd)
-            weights = ((q @ cross_keys) + cross_bias).softmax(-1)  # (B, h, groups, H)
-            attended = (weights @ cross_values).transpose(1, 2).reshape(-1, d)  # (S, D)
-            x = x + layer.dropout(cross.out(attended))
-            x = x + layer.dropout(layer.ff(layer.norm3(x)))
-        return self.model.decoder_norm(x), new_kv
 
 
 class EncoderGraph(nn.Module):

@@ -74,7 +74,7 @@ def _eval(args: argparse.Namespace) -> int:
     from service.bundle import load_bundle
     from service.engine import OnnxBeamEngine
     from training.data import leave_one_out, load_dataset
-    from training.metrics import topk_metrics
+    from training.evaluation import evaluate
     from training.pipeline import format_table
 
     bundle = load_bundle(args.bundle)
@@ -83,15 +83,16 @@ def _eval(args: argparse.Namespace) -> int:
     index = np.array([bundle.index_of[i] for i in dataset.item_ids])  # dataset index -> bundle index
     engine = OnnxBeamEngine(bundle, providers=args.providers)
     rows = {}
+
+    def served_ranker(histories: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([engine.search(histories[s : s + args.batch_size])[0]
+                               for s in range(0, len(histories), args.batch_size)])
+
     for split, histories, targets in (
         ("valid", splits.valid_histories, splits.valid_targets),
         ("test", splits.test_histories, splits.test_targets),
     ):
-        topk = np.concatenate([
-            engine.search([index[h] for h in histories[s : s + args.batch_size]])[0]
-            for s in range(0, len(histories), args.batch_size)
-        ])
-        rows[split] = topk_metrics(topk, index[np.asarray(targets)])
+        rows[split] = evaluate(served_ranker, [index[h] for h in histories], index[np.asarray(targets)])
     print(format_table(rows))
     print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows}))
     return 0

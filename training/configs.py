@@ -1,128 +1,112 @@
-"""Named pipeline configurations: one per row of the results table, plus the small ones."""
+"""Pipeline configurations: `PipelineConfig`, and the named ones `genrec pipeline --config` runs.
+
+Each name says what the configuration is: dataset, tokenizer and item view, and what the
+recommender adds. BEST_CONFIG is what `make bench-quality DATASET=<name>` runs.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from training.model import Seq2SeqConfig
-from training.pipeline import PipelineConfig
 from training.train import TrainConfig
 
 
-def _tiny(dataset: str) -> PipelineConfig:
-    """Seconds on 2 cores: tests and the synthetic demo."""
-    return PipelineConfig(
-        name="tiny",
-        dataset=dataset,
-        text_encoder="hashing-64",
-        tokenizer="rqkmeans",
-        tokenizer_params={"levels": 2, "codebook_size": 8, "iters": 10},
-        model=Seq2SeqConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0),
-        train=TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_steps=5, eval_users=200, patience=3),
-        check_users=16,
-    )
+@dataclass
+class PipelineConfig:
+    name: str  # also the bundle name
+    dataset: str  # "beauty", "scientific" or a folder in the genrec format
+    text_encoder: str = "all-MiniLM-L6-v2"
+    tokenizer: str = "rqvae"
+    item_features: str = "text"  # the item view the tokenizer reads (training/tokenizers/base.py VIEWS)
+    collaborative_weight: float = 1.0  # the collaborative half's scale in "text+collaborative"
+    # The SASRec artifact's seed: an upstream input fixed across the recommender's seeds, as the text encoder is.
+    collaborative_seed: int = 0
+    tokenizer_params: dict[str, Any] = field(default_factory=dict)
+    # The collision level's codebook size; None: the largest group of items sharing their codes.
+    # Set it when codes change during training (a tokenizer trained beside the recommender).
+    collision_capacity: int | None = None
+    model_kind: str = "seq2seq"  # training/model_kinds.py
+    model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    beam_size: int = 20
+    check_users: int = 64  # users whose served top-10 is compared with torch at export
+    final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-CONFIGS: dict[str, PipelineConfig] = {
+def _named(name: str, dataset: str, **fields: Any) -> tuple[str, PipelineConfig]:
+    return name, PipelineConfig(name=name, dataset=dataset, **fields)
+
+
+# The recommender these share: 4 + 4 layers, d 128 (Seq2SeqConfig's defaults).
+# Collaborative codes: RQ-KMeans over SASRec's item table (trained first on the same split when not cached).
+_ITEM_HEAD_MODEL = Seq2SeqConfig(history_item_ids=True, item_head=True)  # + one embedding per history item, + item head
+CONFIGS: dict[str, PipelineConfig] = dict([
+    # Seconds on 2 cores, on a dataset folder given at run time (a synthetic one in tests and examples).
+    _named("tiny", "", text_encoder="hashing-64", tokenizer="rqkmeans",
+           tokenizer_params={"levels": 2, "codebook_size": 8, "iters": 10},
+           model=Seq2SeqConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0),
+           train=TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_steps=5, eval_users=200, patience=3),
+           check_users=16),
     # What `make run` builds when models/ is empty: real Beauty items, a few minutes of training.
-    "beauty-demo": PipelineConfig(
-        name="beauty-demo",
-        dataset="beauty",
-        tokenizer="rqkmeans",
-        tokenizer_params={"levels": 3, "codebook_size": 256, "iters": 15},
-        model=Seq2SeqConfig(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2),
-        train=TrainConfig(epochs=2, eval_users=1000, min_epochs=0),
-        check_users=32,
-        final_eval_users=2000,
-    ),
-    # TIGER's recipe: RQ-VAE 3 x 256 (+ collision level) and a 4 + 4 layer encoder-decoder.
-    # Training stops at 90 minutes so each run stays within 2 hours on 2 cores.
-    "beauty-tiger": PipelineConfig(
-        name="beauty-tiger", dataset="beauty", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)
-    ),
-    # Same recommender on residual k-means codes: better on validation in our sweeps (README).
-    "beauty-rqkmeans": PipelineConfig(
-        name="beauty-rqkmeans", dataset="beauty", tokenizer="rqkmeans",
-        train=TrainConfig(max_train_seconds=4200, eval_users=2000),
-    ),
-    # RQ-KMeans on SASRec's item embeddings (trained first on the same split when not cached):
-    # codes that follow co-purchase structure instead of text similarity.
-    "beauty-rqkmeans-cf": PipelineConfig(
-        name="beauty-rqkmeans-cf", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
-        train=TrainConfig(max_train_seconds=3600, eval_users=2000, eval_every=2),
-    ),
-    # The same, with the code embeddings and output heads started from the SASRec item table they were
-    # fitted on (train.init_codes_from_features): valid R@10 .0515 against .0335 after 3 epochs.
-    "beauty-rqkmeans-cf-warm": PipelineConfig(
-        name="beauty-rqkmeans-cf-warm", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
-        train=TrainConfig(max_train_seconds=3000, eval_users=2000, eval_every=2, init_codes_from_features=True),
-    ),
-    # The warm start with 64 sequences per step instead of 256: four times the optimizer steps in an
-    # epoch (a CPU budget holds only ~14 epochs, ~1,200 steps at 256), learning rate scaled by sqrt(1/4).
-    "beauty-rqkmeans-cf-warm-b64": PipelineConfig(
-        name="beauty-rqkmeans-cf-warm-b64", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
-        train=TrainConfig(max_train_seconds=3000, eval_users=2000, eval_every=2, init_codes_from_features=True,
-                          batch_size=64, lr=1e-3),
-    ),
-    # The b64 warm start plus one embedding per history item (model.history_item_ids), started from
-    # what the codes leave unexplained of the item's SASRec vector: the encoder knows exact identity.
-    "beauty-rqkmeans-cf-warm-items": PipelineConfig(
-        name="beauty-rqkmeans-cf-warm-items", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
-        model=Seq2SeqConfig(history_item_ids=True),
-        train=TrainConfig(max_train_seconds=3000, eval_users=2000, eval_every=2, init_codes_from_features=True,
-                          batch_size=64, lr=1e-3),
-    ),
-    # The same plus the item head: the encoder's newest state also scores every item against its token
-    # (SASRec's objective beside the code loss), and the beam's 20 items are ranked by both. The head's
-    # full softmax makes a step dearer; 85 minutes of training keeps SASRec + training + evaluation
-    # under 2 hours. Checkpoints are chosen on 4,000 validation users (on 2,000 one seed kept an
-    # early epoch: README).
-    "beauty-rqkmeans-cf-warm-items-head": PipelineConfig(
-        name="beauty-rqkmeans-cf-warm-items-head", dataset="beauty", tokenizer="rqkmeans", item_features="collaborative",
-        model=Seq2SeqConfig(history_item_ids=True, item_head=True),
-        train=TrainConfig(max_train_seconds=5100, eval_users=4000, eval_every=2, init_codes_from_features=True,
-                          batch_size=64, lr=1e-3),
-    ),
-    # RQ-KMeans on [text ; SASRec] embeddings, each L2-normalised: both kinds of neighbours.
-    "beauty-rqkmeans-text-cf": PipelineConfig(
-        name="beauty-rqkmeans-text-cf", dataset="beauty", tokenizer="rqkmeans", item_features="text+collaborative",
-        train=TrainConfig(max_train_seconds=4200, eval_users=2000),
-    ),
+    _named("beauty-demo", "beauty", tokenizer="rqkmeans", tokenizer_params={"levels": 3, "codebook_size": 256, "iters": 15},
+           model=Seq2SeqConfig(d_model=64, n_heads=2, d_ff=256, encoder_layers=2, decoder_layers=2),
+           train=TrainConfig(epochs=2, eval_users=1000, min_epochs=0), check_users=32, final_eval_users=2000),
+    # TIGER's recipe: RQ-VAE 3 x 256 on text embeddings (+ collision level). 90 minutes of training
+    # keeps a run within 2 hours on 2 cores.
+    _named("beauty-tiger", "beauty", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)),
+    _named("scientific-tiger", "scientific", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)),
+    # Residual k-means codes of the text embeddings.
+    _named("beauty-rqkmeans-text", "beauty", tokenizer="rqkmeans", train=TrainConfig(max_train_seconds=4200, eval_users=2000)),
+    _named("scientific-rqkmeans-text", "scientific", tokenizer="rqkmeans",
+           train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    # Collaborative codes: items bought by the same people share a code prefix.
+    _named("beauty-rqkmeans-cf", "beauty", tokenizer="rqkmeans", item_features="collaborative",
+           train=TrainConfig(max_train_seconds=3600, eval_users=2000, eval_every=2)),
+    _named("scientific-rqkmeans-cf", "scientific", tokenizer="rqkmeans", item_features="collaborative",
+           train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    # Codes of [text ; SASRec] embeddings, each L2-normalised: both kinds of neighbours.
+    _named("beauty-rqkmeans-text-cf", "beauty", tokenizer="rqkmeans", item_features="text+collaborative",
+           train=TrainConfig(max_train_seconds=4200, eval_users=2000)),
     # The recommender on the LETTER codes published with the dataset (data/beauty/semantic_ids).
-    "beauty-letter-codes": PipelineConfig(
-        name="beauty-letter-codes", dataset="beauty", tokenizer="precomputed",
-        tokenizer_params={"path": "data/beauty/semantic_ids/LETTER_Beauty.index.json"},
-        train=TrainConfig(max_train_seconds=5400),
-    ),
-    "scientific-tiger": PipelineConfig(
-        name="scientific-tiger", dataset="scientific", tokenizer="rqvae", train=TrainConfig(max_train_seconds=5400)
-    ),
-    # Scientific has 8.4k users (Beauty 22k): 25 minutes of training on 2 cores.
-    "scientific-rqkmeans": PipelineConfig(
-        name="scientific-rqkmeans", dataset="scientific", tokenizer="rqkmeans",
-        train=TrainConfig(max_train_seconds=1500, eval_users=2000),
-    ),
-    "scientific-rqkmeans-cf": PipelineConfig(
-        name="scientific-rqkmeans-cf", dataset="scientific", tokenizer="rqkmeans", item_features="collaborative",
-        train=TrainConfig(max_train_seconds=1500, eval_users=2000),
-    ),
-}
+    _named("beauty-letter-published-codes", "beauty", tokenizer="precomputed",
+           tokenizer_params={"path": "data/beauty/semantic_ids/LETTER_Beauty.index.json"},
+           train=TrainConfig(max_train_seconds=5400)),
+    # The best measured: collaborative codes, the code embeddings and heads started from the SASRec
+    # table they were fitted on (train.init_codes_from_features), an embedding per history item
+    # started from what the codes leave unexplained, and the item head: the encoder's newest state
+    # scores every item (SASRec's objective beside the code loss) and ranks the beam's items with
+    # the codes. Beauty: 64 sequences per step (more optimizer steps in a CPU budget), checkpoints
+    # chosen on 4,000 validation users, 85 minutes of training (SASRec + training + evaluation
+    # under 2 hours).
+    _named("beauty-cf-item-head", "beauty", tokenizer="rqkmeans", item_features="collaborative", model=_ITEM_HEAD_MODEL,
+           train=TrainConfig(max_train_seconds=5100, eval_users=4000, eval_every=2, init_codes_from_features=True,
+                             batch_size=64, lr=1e-3)),
+    _named("scientific-cf-item-head", "scientific", tokenizer="rqkmeans", item_features="collaborative",
+           model=_ITEM_HEAD_MODEL,
+           train=TrainConfig(max_train_seconds=1200, eval_users=2000, init_codes_from_features=True)),
+])
 
 
 # What `make bench-quality DATASET=<name>` runs without CONFIG: the best measured configuration.
-BEST_CONFIG = {"beauty": "beauty-rqkmeans-cf-warm-items-head", "scientific": "scientific-rqkmeans-cf"}
+BEST_CONFIG = {"beauty": "beauty-cf-item-head", "scientific": "scientific-cf-item-head"}
 
 
 def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
-    if name == "tiny":
-        if dataset is None:
-            raise ValueError("config 'tiny' needs a dataset path")
-        return _tiny(dataset)
+    """A named configuration, on another dataset when `dataset` is given."""
     if name not in CONFIGS:
-        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS) + ['tiny']}")
+        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
     cfg = CONFIGS[name]
-    return cfg if dataset is None else PipelineConfig(**{**cfg.__dict__, "dataset": dataset})
+    if dataset is not None:
+        cfg = dataclasses.replace(cfg, dataset=dataset)
+    if not cfg.dataset:
+        raise ValueError(f"config {name!r} has no dataset of its own: pass one (a dataset folder)")
+    return cfg
 
 
 def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConfig:

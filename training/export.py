@@ -6,12 +6,10 @@ onnxruntime engine, returns the torch evaluator's top-10 for a sample of users.
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,59 +20,12 @@ from safetensors.numpy import save_file
 from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file as save_torch_file
 
-from service.bundle import file_digests, load_bundle
+from service.bundle import Manifest, file_digests, load_bundle
 from service.engine import OnnxBeamEngine
-from service.trie import build_trie
-from training.beam import ConstrainedBeamSearch, DecoderGraph, EncoderGraph, trie_input_names, trie_tensors
-from training.model import GenerativeRecommender
-from training.train import history_tensors, pad_histories, recommend_topk
-
-SCHEMA_VERSION = 1
-OPSET = 17
-
-
-def _export(module: torch.nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():  # the TorchScript exporter is deprecated but handles the unrolled search
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module, args, buffer, dynamo=False, opset_version=OPSET,
-            input_names=inputs, output_names=outputs, dynamic_axes=dynamic,
-        )
-    path.write_bytes(buffer.getvalue())
-
-
-def export_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray, beam_size: int, out_dir: Path) -> None:
-    model = model.cpu().eval()
-    levels = model.cfg.levels
-    history_names = model.cfg.history_inputs
-    padded = pad_histories([np.arange(min(3, len(semantic_ids)))] * 2, semantic_ids, model.cfg.max_history)
-    history = history_tensors(model.cfg, *padded)
-    history_axes = {name: {0: "batch", 1: "history"} for name in history_names}
-
-    trie_axes: dict[str, dict[int, str]] = {"trie_leaf_items": {0: "items"}}
-    for d in range(levels):
-        trie_axes[f"trie_codes_{d}"] = {0: f"nodes_{d}", 1: f"width_{d}"}
-        trie_axes[f"trie_offsets_{d}"] = {0: f"nodes_{d}"}
-    trie = trie_tensors(build_trie(semantic_ids).as_feeds(), levels)
-    _export(
-        ConstrainedBeamSearch(model, beam_size), (*history, *trie), out_dir / "beam_search.onnx",
-        [*history_names, *trie_input_names(levels)], ["item_indices", "scores"],
-        history_axes | trie_axes | {"item_indices": {0: "batch"}, "scores": {0: "batch"}},
-    )
-    _export(
-        EncoderGraph(model), history, out_dir / "encoder.onnx", history_names, EncoderGraph.output_names(model),
-        history_axes | {"memory": {0: "batch", 1: "history"}, "item_bonus": {0: "batch"}},
-    )
-    with torch.no_grad():
-        memory = model.encode(*history)
-    prefix = torch.as_tensor(semantic_ids[: 2, : levels - 1], dtype=torch.long)
-    _export(
-        DecoderGraph(model), (memory, history[1], prefix), out_dir / "decoder.onnx",
-        ["memory", "history_mask", "prefix_codes"], ["log_probs"],
-        {"memory": {0: "batch", 1: "history"}, "history_mask": {0: "batch", 1: "history"},
-         "prefix_codes": {0: "batch"}, "log_probs": {0: "batch"}},
-    )
+from training.batching import history_tensors, pad_histories
+from training.beam import DecoderGraph
+from training.evaluation import recommend_topk
+from training.model_kinds import kind_of, model_kind
 
 
 @dataclass
@@ -89,7 +40,7 @@ class ExportCheck:
         return self.__dict__.copy()
 
 
-def check_bundle(bundle_dir: Path, model: GenerativeRecommender, histories: list[np.ndarray]) -> ExportCheck:
+def check_bundle(bundle_dir: Path, model: torch.nn.Module, histories: list[np.ndarray]) -> ExportCheck:
     """Compare the bundle's ONNX graphs with torch on `histories` (a sample of real users)."""
     bundle = load_bundle(bundle_dir)
     semantic_ids = bundle.semantic_ids.astype(np.int64)
@@ -126,7 +77,7 @@ def write_bundle(
     name: str,
     version: str,
     dataset: str,
-    model: GenerativeRecommender,
+    model: torch.nn.Module,
     semantic_ids: np.ndarray,
     item_ids: list[str],
     titles: list[str],
@@ -154,60 +105,47 @@ def write_bundle(
     (bundle_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for extra in extra_files:  # e.g. the training curve, next to the model it produced
         shutil.copy2(extra, bundle_dir / extra.name)
-    export_graphs(model, semantic_ids.astype(np.int64), beam_size, bundle_dir)
+    kind = kind_of(model)
+    model_kind(kind).export_graphs(model, semantic_ids.astype(np.int64), beam_size, bundle_dir)
     # torch weights too (safetensors, not a pickle): to fine-tune or re-export without retraining.
     save_torch_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(bundle_dir / "recommender.safetensors"))
 
     files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "version": version,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "dataset": dataset,
-        "tokenizer": tokenizer,
-        "model": {"kind": "seq2seq", "config": model.cfg.to_dict()},
-        "max_history": model.cfg.max_history,
-        "beam_size": beam_size,
-        "text_encoder": text_encoder,
-        "metrics": metrics,
-        "training": training,
-        "files": file_digests(bundle_dir, files),
-    }
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    Manifest(
+        name=name,
+        version=version,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        dataset=dataset,
+        tokenizer=tokenizer,
+        model={"kind": kind, "config": model.cfg.to_dict()},
+        max_history=model.cfg.max_history,
+        beam_size=beam_size,
+        text_encoder=text_encoder,
+        metrics=metrics,
+        training=training,
+        files=file_digests(bundle_dir, files),
+    ).write(bundle_dir)
     return bundle_dir
 
 
-def load_recommender(bundle_dir: Path) -> GenerativeRecommender:
-    """The torch model a bundle was exported from."""
-    from training.model import Seq2SeqConfig
-
-    manifest = json.loads((Path(bundle_dir) / "manifest.json").read_text())
-    model = GenerativeRecommender(Seq2SeqConfig(**manifest["model"]["config"]))
+def load_recommender(bundle_dir: Path) -> torch.nn.Module:
+    """The torch model a bundle was exported from (its manifest names the model kind)."""
+    manifest = load_bundle(bundle_dir, verify_checksums=False).manifest
+    kind = model_kind(manifest.model["kind"])
+    model = kind.module(kind.config(**manifest.model["config"]))
     model.load_state_dict(load_torch_file(str(Path(bundle_dir) / "recommender.safetensors")))
     return model.eval()
 
 
 def reexport_graphs(bundle_dir: Path) -> None:
     """Rebuilds a bundle's ONNX graphs in place from its recommender.safetensors with the current
-    training/beam.py (a graph layout change needs no retraining), then rewrites the manifest's digests."""
+    graph code (a graph layout change needs no retraining), then rewrites the manifest's digests."""
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "recommender.safetensors").is_file():
         raise FileNotFoundError(f"{bundle_dir} has no recommender.safetensors: its graphs cannot be rebuilt")
     bundle = load_bundle(bundle_dir, verify_checksums=False)
-    export_graphs(load_recommender(bundle_dir), bundle.semantic_ids.astype(np.int64), bundle.beam_size, bundle_dir)
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    manifest["files"] = file_digests(bundle_dir, manifest["files"])
-    (bundle_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-
-
-def build_demo_bundle(out_dir: Path, seed: int = 0, n_users: int = 300, n_items: int = 60) -> Path:
-    """A complete bundle from a tiny synthetic catalog in seconds: for tests and examples."""
-    from training.configs import get_config
-    from training.data import make_synthetic_dataset, write_dataset
-    from training.pipeline import run_pipeline
-
-    out_dir = Path(out_dir)
-    data_dir = write_dataset(make_synthetic_dataset(n_users, n_items, seed=seed), out_dir / "data")
-    summary = run_pipeline(get_config("tiny", str(data_dir)), seed=seed, models_dir=out_dir / "models", progress=False)
-    return Path(summary["bundle"])
+    model = load_recommender(bundle_dir)
+    model_kind(bundle.manifest.model["kind"]).export_graphs(model, bundle.semantic_ids.astype(np.int64),
+                                                            bundle.beam_size, bundle_dir)
+    manifest = bundle.manifest
+    replace(manifest, files=file_digests(bundle_dir, manifest.files)).write(bundle_dir)

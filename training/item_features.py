@@ -1,10 +1,9 @@
-"""What the tokenizer clusters: text embeddings, collaborative item embeddings, or both.
+"""The item views a tokenizer reads: text embeddings, collaborative item embeddings, or both.
 
 Text embeddings put items with similar descriptions on the same code prefix; collaborative
 embeddings (SASRec's item table, trained on the same training split) put items bought by the same
 people there. The recommender predicts the first code hardest, so codes that follow co-purchase
-structure make its first decision an easier one. "text+collaborative" concatenates the two after
-L2-normalising each, the collaborative half scaled by `collaborative_weight`.
+structure make its first decision an easier one. How views combine: tokenizers.ItemViews.matrix.
 """
 from __future__ import annotations
 
@@ -13,15 +12,10 @@ from collections.abc import Callable
 import numpy as np
 
 from training.data import Dataset
+from training.tokenizers.base import VIEWS, ItemViews
 
-ITEM_FEATURES = ("text", "collaborative", "text+collaborative")
 SASREC_DROPOUT = {"beauty": 0.3, "scientific": 0.5}  # the recipes of the README's SASRec rows
 SASREC_MAX_TRAIN_SECONDS = 1500.0
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True) -> np.ndarray:
@@ -44,21 +38,22 @@ def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True)
     return load_item_embeddings(path)[0]
 
 
-def item_features(
-    kind: str,
+def item_views(
+    view: str,
     text_embeddings: Callable[[], np.ndarray],
     dataset: Dataset,
     seed: int,
     collaborative_weight: float = 1.0,
     progress: bool = True,
-) -> np.ndarray:
-    """(N, D) float32 features the tokenizer fits, in dataset item order. text_embeddings is called
-    only when the kind needs them (encoding a catalog's texts takes minutes on a CPU)."""
-    if kind not in ITEM_FEATURES:
-        raise ValueError(f"unknown item_features {kind!r}; known: {list(ITEM_FEATURES)}")
-    if kind == "text":
-        return np.asarray(text_embeddings(), dtype=np.float32)
-    collaborative = _unit_rows(collaborative_embeddings(dataset, seed, progress))
-    if kind == "collaborative":
-        return collaborative
-    return np.concatenate([_unit_rows(text_embeddings()), collaborative_weight * collaborative], axis=1)
+) -> ItemViews:
+    """The item views that `view` (tokenizers.VIEWS) reads, in dataset item order; the others stay
+    None. text_embeddings is called only when needed (encoding a catalog's texts takes minutes on
+    a CPU); collaborative embeddings are SASRec's, trained now when no cached artifact matches."""
+    if view not in VIEWS:
+        raise ValueError(f"unknown item view {view!r}; known: {list(VIEWS)}")
+    parts = view.split("+")
+    return ItemViews(
+        text=np.asarray(text_embeddings(), dtype=np.float32) if "text" in parts else None,
+        collaborative=collaborative_embeddings(dataset, seed, progress) if "collaborative" in parts else None,
+        collaborative_weight=collaborative_weight,
+    )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NEG = -1e9  # finite "minus infinity": keeps softmax and score sums free of NaN
+KV = tuple[torch.Tensor, torch.Tensor]  # one layer's attention keys and values
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -308,6 +309,57 @@ class GenerativeRecommender(nn.Module):
             x = layer(x, self_bias, groups, kv, cross_bias)
         return self.decoder_norm(x)
 
+    def step_input(self, step: int, codes: torch.Tensor, newest_memory: torch.Tensor) -> torch.Tensor:
+        """The decoder input at position `step`, as decoder_inputs builds it:
+        the start token at 0 (newest_memory (B, D), one beam per request there), else the embedding
+        of the previous level's code (codes (S,)); plus the position. -> (S, D)"""
+        token = self.decoder_start(newest_memory) if step == 0 else self.code_embeddings[step - 1](codes)
+        return self.dropout(token + self.decoder_positions.weight[step])
+
+    def decode_newest(
+        self, x: torch.Tensor, self_kv: list[KV], cross_kv: list[KV], cross_bias: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """decode for the newest position only, with a key/value cache: the one-step decode that the
+        beam search (training/beam.py) runs in evaluation, export and serving (eval mode).
+
+        x (S, D): the newest position's input, S = B * groups sequences, the `groups` beams of a
+        request next to each other. self_kv: per layer the earlier positions' self-attention keys
+        and values (S, h, t, hd). cross_kv: per layer the memory's keys (B, h, hd, H), transposed,
+        and values (B, h, H, hd). cross_bias (B, 1, 1, H).
+        Returns (hidden (S, D) after the final norm, self_kv with this position appended).
+
+        Mirrors DecoderLayer.forward and Attention.attend with every reshape written for one
+        position and constant head sizes, so the exported graph has few shape operations; tests
+        hold it equal to model.decode."""
+        new_kv: list[KV] = []
+        for i, (layer, (cross_keys, cross_values)) in enumerate(zip(self.decoder_layers, cross_kv)):
+            attn, cross = layer.self_attn, layer.cross_attn
+            heads, head_dim = attn.n_heads, attn.head_dim
+            d = heads * head_dim
+            # q (scaled by 1/sqrt(hd) here, a constant the export folds), then Attention.keys_values'
+            # keys and values (kv's first D outputs, then the next D): one matmul for all three.
+            scale = head_dim**-0.5
+            qkv = nn.functional.linear(layer.norm1(x), torch.cat([attn.q.weight * scale, attn.kv.weight]))  # (S, 3D)
+            q = qkv[:, :d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            key = qkv[:, d : 2 * d].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            value = qkv[:, 2 * d :].reshape(-1, heads, 1, head_dim)  # (S, h, 1, hd)
+            if self_kv:
+                key, value = torch.cat([self_kv[i][0], key], dim=-2), torch.cat([self_kv[i][1], value], dim=-2)
+            new_kv.append((key, value))
+            # One query over at most L positions: products and sums over rows of hd, not S * h matmuls
+            # of one row (onnxruntime runs a batched MatMul as one small GEMM per head and sequence).
+            weights = (q * key).sum(-1).softmax(-1)  # (S, h, t): earlier positions only, no mask
+            attended = (weights[..., None] * value).sum(-2)  # (S, h, hd)
+            x = x + layer.dropout(attn.out(attended.reshape(-1, d)))
+            # Beams of one request share the memory: fold them into the query axis.
+            q = nn.functional.linear(layer.norm2(x), cross.q.weight * scale)
+            q = q.reshape(-1, groups, heads, head_dim).transpose(1, 2)  # (B, h, groups, hd)
+            weights = ((q @ cross_keys) + cross_bias).softmax(-1)  # (B, h, groups, H)
+            attended = (weights @ cross_values).transpose(1, 2).reshape(-1, d)  # (S, D)
+            x = x + layer.dropout(cross.out(attended))
+            x = x + layer.dropout(layer.ff(layer.norm3(x)))
+        return self.decoder_norm(x), new_kv
+
     def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """hidden (..., D) -> (..., V_max) log-probabilities of code `level`, NEG beyond its codebook."""
         logits = self.heads[level](hidden).float().log_softmax(-1)
@@ -315,18 +367,18 @@ class GenerativeRecommender(nn.Module):
         return F.pad(logits, (0, pad), value=NEG) if pad else logits
 
     # ---- training: every next item of every sequence in one pass ---------------------------
-    def forward(self, item_codes: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-        return self.sequence_loss(item_codes, mask, items)
-
-    def sequence_loss(
-        self, item_codes: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, int]:
+    def forward(
+        self, item_codes: torch.Tensor, mask: torch.Tensor, items: torch.Tensor | None = None, with_states: bool = False
+    ):
         """item_codes (B, T, L) of whole training sequences (right-padded), mask (B, T), items (B, T)
-        their item indices (needed when the model embeds history item ids).
+        their item indices (needed when the model embeds history item ids or has an item head).
 
         Position t < T-1 is a history end; the target is item t+1, its history the up-to-
-        max_history items ending at t. Returns the mean cross-entropy summed over levels.
-        """
+        max_history items ending at t. Returns (mean cross-entropy summed over levels, targets), and
+        with_states also the intermediate tensors extra losses read (training/loop.py ExtraLoss):
+        user_state (M, D) the encoder's state at each history end, decoder_hidden (M, L, D),
+        target_codes (M, L), target_items (M,) (when items are given), history_memory (M, W, D)
+        the encoder outputs the decoder attends to and history_valid (M, W) which of them exist."""
         inputs, input_mask = item_codes[:, :-1], mask[:, :-1]
         targets, target_mask = item_codes[:, 1:], mask[:, 1:]
         memory = self.encode(inputs, input_mask, None if items is None else items[:, :-1])  # (B, T-1, D)
@@ -348,11 +400,19 @@ class GenerativeRecommender(nn.Module):
         user_state = memory[batch_idx, pos_idx]  # (M, D)
         hidden = self.decode(target_codes[:, :-1], user_state, cross_kv, cross_bias, groups=1)  # (M, L, D)
         loss = self.codes_loss(hidden, target_codes)
+        target_items = None if items is None else items[:, 1:][batch_idx, pos_idx]
         if self.cfg.item_head:
-            if items is None:
+            if target_items is None:
                 raise ValueError("this model has an item head: pass the sequences' item indices")
-            loss = loss + F.cross_entropy(self.item_logits(user_state), items[:, 1:][batch_idx, pos_idx])
-        return loss, int(batch_idx.numel())
+            loss = loss + F.cross_entropy(self.item_logits(user_state), target_items)
+        n_targets = int(batch_idx.numel())
+        if not with_states:
+            return loss, n_targets
+        states = {"user_state": user_state, "decoder_hidden": hidden, "target_codes": target_codes,
+                  "history_memory": memory[batch_idx[:, None], key_pos], "history_valid": key_ok}
+        if target_items is not None:
+            states["target_items"] = target_items
+        return loss, n_targets, states
 
     def codes_loss(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
         """hidden (M, L, D) decoder states, target_codes (M, L) -> mean cross-entropy summed over levels."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,61 +15,49 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from training.cache import cache_path
-from training.data import item_popularity, leave_one_out, load_dataset
+from training.configs import PipelineConfig, get_config
+from training.data import item_popularity, leave_one_out, load_dataset, make_synthetic_dataset, write_dataset
 from training.embeddings import embed_items, get_text_encoder
+from training.evaluation import beam_ranker, evaluate
 from training.export import check_bundle, write_bundle
-from training.item_features import item_features
-from training.model import Seq2SeqConfig
-from training.tokenizers import assign_semantic_ids, get_tokenizer
-from training.train import TrainConfig, evaluate, train_recommender
+from training.item_features import item_views
+from training.tokenizers import CatalogCodes, FitReport, ItemViews, get_tokenizer
+from training.train import train_recommender
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class PipelineConfig:
-    name: str  # also the bundle name
-    dataset: str  # "beauty", "scientific" or a folder in the genrec format
-    text_encoder: str = "all-MiniLM-L6-v2"
-    tokenizer: str = "rqvae"
-    item_features: str = "text"  # what the tokenizer clusters (training/item_features.py ITEM_FEATURES)
-    collaborative_weight: float = 1.0  # the collaborative half's scale in "text+collaborative"
-    # The SASRec artifact's seed: an upstream input fixed across the recommender's seeds, as the text encoder is.
-    collaborative_seed: int = 0
-    tokenizer_params: dict[str, Any] = field(default_factory=dict)
-    model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    beam_size: int = 20
-    check_users: int = 64  # users whose served top-10 is compared with torch at export
-    final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def fit_semantic_ids(embeddings: np.ndarray, kind: str, params: dict[str, Any], seed: int):
-    """Tokenizer fit, cached under (embeddings, kind, params, seed) -> (raw codes, tokenizer)."""
-    tokenizer = get_tokenizer(kind, **params)
-    key = [embeddings.tobytes(), kind, json.dumps(tokenizer.params, sort_keys=True, default=str), str(seed)]
+def fit_semantic_ids(views: ItemViews, cfg: PipelineConfig, seed: int):
+    """Tokenizer fit, cached under (the tokenizer's input, kind, params, seed) -> (raw codes,
+    tokenizer, its fit report)."""
+    tokenizer = get_tokenizer(cfg.tokenizer, input_view=cfg.item_features, **cfg.tokenizer_params)
+    key = [views.matrix(cfg.item_features).tobytes(), cfg.tokenizer, json.dumps(tokenizer.params, sort_keys=True, default=str),
+           str(seed)]
     path = cache_path("tokenizer", key, suffix=".safetensors")
-    if path.exists():
+    report_path = path.with_suffix(".json")
+    if path.exists() and report_path.exists():
         state = load_file(str(path))
         raw_codes = state.pop("__raw_codes__")
         tokenizer.load_state_dict(state)
-        return raw_codes, tokenizer, None
-    report = tokenizer.fit(embeddings, seed=seed)
-    raw_codes = tokenizer.encode(embeddings)
+        return raw_codes, tokenizer, FitReport(**json.loads(report_path.read_text()))
+    report = tokenizer.fit(views, seed=seed)
+    raw_codes = tokenizer.encode(views)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({**{k: np.ascontiguousarray(v) for k, v in tokenizer.state_dict().items()}, "__raw_codes__": raw_codes}, str(path))
+    report_path.write_text(json.dumps(asdict(report)))
     return raw_codes, tokenizer, report
+
+
+def pipeline_views(cfg: PipelineConfig, dataset, progress: bool = True) -> ItemViews:
+    """The item views cfg's tokenizer reads (computed and cached on first use)."""
+    return item_views(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
+                      dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
 
 
 def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
     """Computes and caches what every seed of `cfg` reads (text embeddings, collaborative
     embeddings), so seeds started side by side neither repeat that work nor race on its files."""
-    dataset = load_dataset(cfg.dataset)
-    item_features(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)), dataset,
-                  cfg.collaborative_seed, cfg.collaborative_weight, progress)
+    pipeline_views(cfg, load_dataset(cfg.dataset), progress)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -95,28 +83,31 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("data", t0)
 
     t0 = time.perf_counter()
-    features = item_features(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
-                             dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
+    views = pipeline_views(cfg, dataset, progress)
     lap("item_features", t0)
 
     t0 = time.perf_counter()
-    raw_codes, tokenizer, _ = fit_semantic_ids(features, cfg.tokenizer, cfg.tokenizer_params, seed)
-    semantic_ids, sid_report = assign_semantic_ids(raw_codes, tokenizer.codebook_sizes)
+    raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
+    codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity)
+    sid_report = codes.report
     lap("tokenizer", t0)
     if progress:
         print(f"[genrec] code usage per level {[round(u, 3) for u in sid_report.code_usage]}, "
               f"{sid_report.collisions_before_separation} items collided before separation", flush=True)
 
-    model_cfg = replace(cfg.model, codebook_sizes=list(sid_report.codebook_sizes), item_count=len(semantic_ids))
+    model_cfg = replace(cfg.model, codebook_sizes=list(codes.codebook_sizes), item_count=len(raw_codes))
     train_cfg = replace(cfg.train, seed=seed, beam_size=cfg.beam_size)
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
     run_dir = models_dir.parent / "runs" / cfg.name / version
     run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    (run_dir / "tokenizer_fit.json").write_text(json.dumps(asdict(fit_report), indent=2))
     result = train_recommender(
         model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
-        semantic_ids, curve_path=run_dir / "training_curve.jsonl", progress=progress, item_features=features,
+        codes, curve_path=run_dir / "training_curve.jsonl", progress=progress,
+        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind,
     )
+    semantic_ids, sid_report = result.codes.semantic_ids, result.codes.report
     lap("train", t0)
 
     t0 = time.perf_counter()
@@ -124,13 +115,13 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     users = np.arange(len(splits.test_targets))
     if cfg.final_eval_users is not None and cfg.final_eval_users < len(users):
         users = np.sort(np.random.default_rng(seed).choice(users, cfg.final_eval_users, replace=False))
-    valid = evaluate(result.model, [splits.valid_histories[u] for u in users], splits.valid_targets[users],
-                     semantic_ids, cfg.beam_size, device)
+    ranker = beam_ranker(result.model, semantic_ids, cfg.beam_size, device)
+    valid = evaluate(ranker, [splits.valid_histories[u] for u in users], splits.valid_targets[users])
     test_histories = [splits.test_histories[u] for u in users]
-    test = evaluate(result.model, test_histories, splits.test_targets[users], semantic_ids, cfg.beam_size, device)
+    test = evaluate(ranker, test_histories, splits.test_targets[users])
     # What the generated codes alone rank, to tell the item head's share of the figures.
-    test_codes_only = (evaluate(result.model, test_histories, splits.test_targets[users], semantic_ids, cfg.beam_size,
-                                device, use_item_head=False) if model_cfg.item_head else None)
+    test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
+                                test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
     lap("evaluate", t0)
 
     tokenizer_info = {
@@ -165,7 +156,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
             "train_seconds": round(result.train_seconds, 1),
             "samples_per_second": round(result.samples_per_second, 1),
         },
-        extra_files=[run_dir / "training_curve.jsonl"],
+        extra_files=[run_dir / "training_curve.jsonl", run_dir / "tokenizer_fit.json"],
     )
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(splits.test_histories), min(cfg.check_users, len(splits.test_histories)), replace=False)
@@ -213,3 +204,11 @@ def results_row(summary: dict[str, Any]) -> str:
             f"{t['recall@10']:.4f} | {t['ndcg@5']:.4f} | {t['ndcg@10']:.4f} | {summary['valid']['ndcg@10']:.4f} | "
             f"{summary['wall_s'] / 60:.0f} min |")
 
+
+
+def build_demo_bundle(out_dir: Path, seed: int = 0, n_users: int = 300, n_items: int = 60) -> Path:
+    """A complete bundle from a tiny synthetic catalog in seconds: for tests and examples."""
+    out_dir = Path(out_dir)
+    data_dir = write_dataset(make_synthetic_dataset(n_users, n_items, seed=seed), out_dir / "data")
+    summary = run_pipeline(get_config("tiny", str(data_dir)), seed=seed, models_dir=out_dir / "models", progress=False)
+    return Path(summary["bundle"])

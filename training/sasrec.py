@@ -42,7 +42,9 @@ from torch import nn
 from training.cache import cache_root
 from training.data import Dataset, Splits, item_popularity, leave_one_out, load_dataset
 from training.metrics import topk_metrics
-from training.train import BestOnValidation, adamw, bf16_autocast_is_fast, distributed_context, sequence_batches, stop_together
+from training.batching import sequence_batches
+from training.evaluation import evaluate
+from training.loop import LoopConfig, Objective, ParamGroup, Phase, run_loop
 
 TOPK = 10  # the largest cutoff of training.metrics.CUTOFFS
 
@@ -218,8 +220,8 @@ def recommend_topk(model: SASRec, histories: list[np.ndarray], k: int = TOPK, ba
     return out
 
 
-def evaluate(model: SASRec, histories: list[np.ndarray], targets: np.ndarray, device: str = "cpu") -> dict[str, float]:
-    return topk_metrics(recommend_topk(model, histories, device=device), np.asarray(targets))
+def sasrec_ranker(model: SASRec, device: str = "cpu"):
+    return lambda histories: recommend_topk(model, histories, device=device)
 
 
 def popularity_metrics(splits: Splits, n_items: int, split: str = "valid") -> dict[str, float]:
@@ -243,69 +245,59 @@ class SASRecResult:
     curve: list[dict]
 
 
+class SASRecTask:
+    """SASRec as a task of the training loop: windows of the training sequences, full validation."""
+
+    def __init__(self, model: SASRec, train_cfg: SASRecTrainConfig, splits: Splits) -> None:
+        self.model, self.cfg, self.splits = model, train_cfg, splits
+        self.windows = training_windows(splits.train_sequences, model.cfg.max_len)
+        self.objective = Objective(model)
+        self.param_groups = [ParamGroup("recommender", list(model.parameters()), train_cfg.lr, train_cfg.weight_decay)]
+        self.steps_per_epoch = math.ceil(len(self.windows) / train_cfg.batch_size)
+
+    def batches(self, rng: np.random.Generator) -> list[list[int]]:
+        return sequence_batches(self.windows, self.cfg.batch_size, rng)
+
+    def inputs(self, batch: list[int], rank: int, world: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        shard = batch[rank::world]
+        if len(shard) == 0 or len(batch) < world:  # every rank must join each gradient all-reduce
+            return None
+        inputs, targets = collate_windows([self.windows[i] for i in shard])
+        return inputs.to(device), targets.to(device)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(sasrec_ranker(self.model, self.cfg.device), self.splits.valid_histories, self.splits.valid_targets)
+
+    def after_epoch(self, epoch: int, phase: Phase) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot["model"])
+
+
 def train_sasrec(
     model_cfg: SASRecConfig,
     train_cfg: SASRecTrainConfig,
     splits: Splits,
     progress: bool = True,
 ) -> SASRecResult:
-    rank, world = distributed_context()
     torch.manual_seed(train_cfg.seed)
     rng = np.random.default_rng(train_cfg.seed)  # same on every rank: same batch list, split by rank
-    device = torch.device(train_cfg.device)
-    model = SASRec(model_cfg).to(device)
-    trained: nn.Module = model
-    if world > 1:
-        trained = nn.parallel.DistributedDataParallel(model)
-    windows = training_windows(splits.train_sequences, model_cfg.max_len)
-    optimizer = adamw(model.parameters(), train_cfg.lr, train_cfg.weight_decay, device)
-    use_bf16 = train_cfg.bf16 and bf16_autocast_is_fast(device)
-
-    best, curve = BestOnValidation(), []
-    started, train_only = time.perf_counter(), 0.0
-    epoch = 0
-    for epoch in range(1, train_cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, n_sum = 0.0, 0
-        for batch in sequence_batches(windows, train_cfg.batch_size, rng):
-            shard = batch[rank::world]
-            if len(shard) == 0 or len(batch) < world:  # every rank must join each gradient all-reduce
-                continue
-            inputs, targets = collate_windows([windows[i] for i in shard])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, n = trained(inputs.to(device), targets.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * n
-            n_sum += n
-        epoch_s = time.perf_counter() - t0
-        train_only += epoch_s
-        elapsed = time.perf_counter() - started
-        point = {"epoch": epoch, "train_loss": round(loss_sum / max(1, n_sum), 4), "epoch_s": round(epoch_s, 2)}
-        if rank == 0:
-            valid = evaluate(model, splits.valid_histories, splits.valid_targets, device=str(device))
-            point.update({f"valid_{k}": round(v, 5) for k, v in valid.items()})
-            best.update(model, valid, epoch)
-            if progress:
-                print(json.dumps(point), flush=True)
-        curve.append(point)
-        stop = best.evals_since >= train_cfg.patience or (
-            train_cfg.max_train_seconds is not None and elapsed > train_cfg.max_train_seconds
-        )
-        if stop_together(stop, world, device):
-            break
-    best.restore(model, world)
-    model.eval()
+    model = SASRec(model_cfg).to(torch.device(train_cfg.device))
+    loop_cfg = LoopConfig(epochs=train_cfg.epochs, patience=train_cfg.patience, max_train_seconds=train_cfg.max_train_seconds,
+                          bf16=train_cfg.bf16, device=train_cfg.device)
+    result = run_loop(SASRecTask(model, train_cfg, splits), loop_cfg, rng, progress=progress)
     return SASRecResult(
         model=model,
-        best_valid=best.metrics,
-        best_epoch=best.epoch,
-        epochs_run=epoch,
-        train_seconds=time.perf_counter() - started,
-        seconds_per_epoch=train_only / max(1, epoch),
-        curve=curve,
+        best_valid=result.best_valid,
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        train_seconds=result.train_seconds,
+        seconds_per_epoch=result.step_seconds / max(1, result.epochs_run),
+        curve=result.curve,
     )
 
 
@@ -356,8 +348,9 @@ def run(
     summary: dict = {"dataset": dataset.name, "model": "sasrec", "seed": train_cfg.seed}
     if rank == 0:
         device = train_cfg.device
-        summary["valid"] = evaluate(result.model, splits.valid_histories, splits.valid_targets, device=device)
-        summary["test"] = evaluate(result.model, splits.test_histories, splits.test_targets, device=device)
+        ranker = sasrec_ranker(result.model, device)
+        summary["valid"] = evaluate(ranker, splits.valid_histories, splits.valid_targets)
+        summary["test"] = evaluate(ranker, splits.test_histories, splits.test_targets)
     summary.update({
         "wall_s": round(time.perf_counter() - started, 1),
         "epochs_run": result.epochs_run,

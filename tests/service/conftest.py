@@ -24,7 +24,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def demo_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from training.export import build_demo_bundle  # tests may import training; the service may not
+    from training.pipeline import build_demo_bundle  # tests may import training; the service may not
 
     return build_demo_bundle(tmp_path_factory.mktemp("demo"), seed=0)
 

@@ -1,4 +1,5 @@
-"""The training loop runs unchanged under torchrun: two CPU processes (gloo) stay in sync."""
+"""The training loop runs unchanged under torchrun: two CPU processes (gloo) stay in sync through a
+phase switch, a tokenizer trained beside the recommender and a code refresh."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,21 @@ def test_two_gloo_processes_train_in_lockstep(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
-    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 2
+    assert ranks[0]["epochs"] == ranks[1]["epochs"] == 3
     assert all(math.isfinite(r["loss"]) for r in ranks)
     assert all(r["moved"] > 1e-4 for r in ranks)  # it trained
     p0, p1 = np.array(ranks[0]["params"]), np.array(ranks[1]["params"])
     np.testing.assert_allclose(p0, p1, rtol=0, atol=1e-6)  # gradients were all-reduced every step
+    # a phase switch: the recommender alone, then with the tokenizer, then alone again
+    assert ranks[0]["phases"] == ["recommender", "joint", "fine-tune"]
+    # the tokenizer trained in the joint phase and the catalog was re-encoded once, the same on both ranks
+    assert ranks[0]["refreshes"] == ranks[1]["refreshes"] == 1
+    assert ranks[0]["codes"] == ranks[1]["codes"]
+    assert ranks[0]["item_head_codes"] == ranks[0]["codes"]  # the item head's buffer follows the codes
+    np.testing.assert_allclose(ranks[0]["tokenizer"], ranks[1]["tokenizer"], rtol=0, atol=1e-6)
+    assert all(math.isfinite(r["joint_tokenizer_loss"]) for r in ranks)
+    # the best checkpoint holds the tokenizer too: trained only if the best epoch came after the joint phase
+    if ranks[0]["best_epoch"] == 1:
+        assert ranks[0]["tokenizer_moved"] == 0.0
+    else:
+        assert ranks[0]["tokenizer_moved"] > 1e-4

@@ -64,3 +64,26 @@ def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path
     reference_items, reference_scores = reference.search(histories)
     np.testing.assert_array_equal(items[:, :10], reference_items[:, :10])
     np.testing.assert_allclose(scores[:, :10], reference_scores[:, :10], atol=1e-4)
+
+
+def test_the_bundle_tokenizer_gives_an_item_its_codes_from_its_text(tiny_bundle: Path) -> None:
+    """tokenizer.safetensors + the manifest rebuild the tokenizer: a catalog item's text, embedded
+    with the bundle's text encoder, gets the item's codes (the collision level aside)."""
+    from training.data import load_dataset
+    from training.embeddings import embed_items, get_text_encoder
+    from training.tokenizers import ItemViews, load_bundle_tokenizer
+
+    bundle = load_bundle(tiny_bundle)
+    tokenizer = load_bundle_tokenizer(tiny_bundle)
+    dataset = load_dataset(str(tiny_bundle.parents[2] / "data"))
+    assert dataset.item_ids == bundle.item_ids
+    text = embed_items(dataset.texts, get_text_encoder(bundle.manifest.text_encoder))
+    np.testing.assert_array_equal(tokenizer.encode(ItemViews(text=text)), bundle.semantic_ids[:, :-1])
+
+
+def test_the_bundle_writes_the_tokenizer_fit_and_names_the_model_kind(tiny_bundle: Path) -> None:
+    bundle = load_bundle(tiny_bundle)
+    assert bundle.manifest.model["kind"] == "seq2seq"
+    fit = json.loads(bundle.file("tokenizer_fit.json").read_text())
+    assert fit["kind"] == bundle.manifest.tokenizer["kind"] and fit["n_items"] == bundle.num_items
+    assert len(fit["curve"]) > 0

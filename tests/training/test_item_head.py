@@ -39,10 +39,10 @@ def test_loss_adds_the_next_items_cross_entropy() -> None:
     items = torch.tensor([[0, 3, 1, 4], [2, 4, 5, 5]])  # 5 = padding
     mask = items < len(SEMANTIC_IDS)
     codes = torch.as_tensor(SEMANTIC_IDS)[items.masked_fill(~mask, 0)]
-    loss, targets = model.sequence_loss(codes, mask, items)
+    loss, targets = model(codes, mask, items)
 
     model.cfg.item_head = False
-    codes_loss, _ = model.sequence_loss(codes, mask, items)
+    codes_loss, _ = model(codes, mask, items)
     memory = model.encode(codes[:, :-1], mask[:, :-1], items[:, :-1])
     batch, position = mask[:, 1:].nonzero(as_tuple=True)
     item_loss = F.cross_entropy(memory[batch, position] @ model.item_tokens().T, items[:, 1:][batch, position])

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from training.train import TrainConfig, adamw, bf16_autocast_is_fast, plan_epochs
+from training.loop import plan_epochs
+from training.optim import adamw, bf16_autocast_is_fast
+from training.train import TrainConfig
 
 CPU = torch.device("cpu")
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from training.data import make_synthetic_dataset
 from training.embeddings import HashingEncoder
@@ -9,6 +10,8 @@ from training.tokenizers import (
     ItemTokenizer,
     RQKMeansTokenizer,
     RQVAETokenizer,
+    CatalogCodes,
+    ItemViews,
     assign_semantic_ids,
     get_tokenizer,
 )
@@ -52,8 +55,8 @@ def test_assign_semantic_ids_no_collision_and_errors() -> None:
 def test_rqkmeans(emb: np.ndarray, balanced: bool) -> None:
     tok = get_tokenizer("rqkmeans", levels=3, codebook_size=16, iters=10, balanced=balanced)
     assert isinstance(tok, ItemTokenizer) and tok.kind == "rqkmeans"
-    rep = tok.fit(emb, seed=0)
-    codes = tok.encode(emb)
+    rep = tok.fit(ItemViews(text=emb), seed=0)
+    codes = tok.encode(ItemViews(text=emb))
     assert codes.shape == (len(emb), 3) and codes.dtype == np.int64
     assert codes.min() >= 0 and codes.max() < 16
     assert min(rep.code_usage) > 0.9  # 400 items over 16 codes: every code in use
@@ -64,30 +67,30 @@ def test_rqkmeans(emb: np.ndarray, balanced: bool) -> None:
     assert len(np.unique(sem, axis=0)) == len(emb)
     # same seed -> same codes; state round trip -> same codes
     tok2 = RQKMeansTokenizer(levels=3, codebook_size=16, iters=10, balanced=balanced)
-    tok2.fit(emb, seed=0)
-    np.testing.assert_array_equal(tok2.encode(emb), codes)
+    tok2.fit(ItemViews(text=emb), seed=0)
+    np.testing.assert_array_equal(tok2.encode(ItemViews(text=emb)), codes)
     tok3 = get_tokenizer("rqkmeans", **tok.params)
     tok3.load_state_dict(tok.state_dict())
-    np.testing.assert_array_equal(tok3.encode(emb), codes)
+    np.testing.assert_array_equal(tok3.encode(ItemViews(text=emb)), codes)
 
 
 def test_rqkmeans_balanced_is_more_even(emb: np.ndarray) -> None:
     sizes = {}
     for balanced in (False, True):
         tok = RQKMeansTokenizer(levels=1, codebook_size=16, iters=10, balanced=balanced)
-        tok.fit(emb, seed=1)
-        sizes[balanced] = np.bincount(tok.encode(emb)[:, 0], minlength=16)
+        tok.fit(ItemViews(text=emb), seed=1)
+        sizes[balanced] = np.bincount(tok.encode(ItemViews(text=emb))[:, 0], minlength=16)
     assert sizes[True].std() < sizes[False].std()
 
 
 def test_rqvae_trains_and_round_trips(emb: np.ndarray) -> None:
     tok = get_tokenizer("rqvae", **SMALL_RQVAE)
     assert isinstance(tok, RQVAETokenizer) and isinstance(tok, ItemTokenizer)
-    rep = tok.fit(emb, seed=0)
+    rep = tok.fit(ItemViews(text=emb), seed=0)
     # reconstruction improves over training (measured on all items before and after)
     assert rep.metrics["recon_mse"] < 0.8 * rep.metrics["initial_recon_mse"]
     assert rep.curve[-1]["recon_mse"] < rep.curve[0]["recon_mse"]
-    codes = tok.encode(emb)
+    codes = tok.encode(ItemViews(text=emb))
     assert codes.shape == (len(emb), 3) and codes.dtype == np.int64
     assert codes.min() >= 0 and codes.max() < 16
     assert rep.code_usage[0] >= 0.9  # dead-code re-seeding keeps the first level in use
@@ -99,21 +102,54 @@ def test_rqvae_trains_and_round_trips(emb: np.ndarray) -> None:
     assert all(isinstance(v, np.ndarray) for v in state.values())
     tok2 = get_tokenizer("rqvae", **tok.params)
     tok2.load_state_dict(state)
-    np.testing.assert_array_equal(tok2.encode(emb), codes)
+    np.testing.assert_array_equal(tok2.encode(ItemViews(text=emb)), codes)
     np.testing.assert_allclose(tok2.reconstruct(emb[:5]), tok.reconstruct(emb[:5]), rtol=1e-5, atol=1e-6)
 
 
 def test_rqvae_seeded(emb: np.ndarray) -> None:
     cfg = dict(SMALL_RQVAE, steps=60)
     a = RQVAETokenizer(**cfg)
-    a.fit(emb, seed=5)
+    a.fit(ItemViews(text=emb), seed=5)
     b = RQVAETokenizer(**cfg)
-    b.fit(emb, seed=5)
-    np.testing.assert_array_equal(a.encode(emb), b.encode(emb))
+    b.fit(ItemViews(text=emb), seed=5)
+    np.testing.assert_array_equal(a.encode(ItemViews(text=emb)), b.encode(ItemViews(text=emb)))
 
 
 def test_unknown_kind() -> None:
     with pytest.raises(KeyError):
         get_tokenizer("letter-v9")
     with pytest.raises(RuntimeError):
-        RQVAETokenizer().encode(np.zeros((1, 4), np.float32))
+        RQVAETokenizer().encode(ItemViews(text=np.zeros((1, 4), np.float32)))
+
+
+def test_collision_level_capacity_is_fixed_across_refreshes() -> None:
+    codes = CatalogCodes(np.array([[0, 0], [0, 0], [1, 0], [1, 1]]), [2, 2], collision_capacity=3)
+    assert codes.codebook_sizes == [2, 2, 3]
+    np.testing.assert_array_equal(codes.semantic_ids[:, 2], [0, 1, 0, 0])
+    codes.refresh(np.array([[1, 1], [1, 1], [1, 1], [0, 0]]))  # a bigger group, still within the capacity
+    assert codes.codebook_sizes == [2, 2, 3] and codes.refreshes == 1
+    np.testing.assert_array_equal(codes.semantic_ids[:, 2], [0, 1, 2, 0])
+    with pytest.raises(ValueError, match="collision_capacity"):
+        codes.refresh(np.zeros((4, 2), dtype=np.int64))  # four items on one tuple, capacity 3
+    assert CatalogCodes(np.zeros((4, 2), dtype=np.int64), [2, 2]).codebook_sizes == [2, 2, 4]  # sized to the codes
+
+
+def test_rqvae_trainable_form_shares_the_tokenizer_weights(emb: np.ndarray) -> None:
+    tok = get_tokenizer("rqvae", **dict(SMALL_RQVAE, steps=60))
+    views = ItemViews(text=emb)
+    tok.fit(views, seed=0)
+    trainable = tok.trainable(views)
+    np.testing.assert_array_equal(trainable.encode_catalog(), tok.encode(views))
+    items = torch.arange(8)
+    latents = trainable.module.latents(items)
+    dists = trainable.module.code_distributions(latents, temperature=1.0)
+    assert len(dists) == 3 and all(d.shape == (8, 16) for d in dists)
+    nearest = torch.stack([d.argmax(1) for d in dists], 1).numpy()
+    np.testing.assert_array_equal(nearest, tok.encode(views)[:8])  # the most likely codes are the item's codes
+    assert trainable.module.reconstruct(latents).shape == (8, emb.shape[1])
+    before = tok.state_dict()["codebooks"].copy()
+    optimizer = torch.optim.SGD(trainable.module.parameters(), lr=0.5)
+    trainable.module.loss(torch.arange(len(emb))).backward()
+    optimizer.step()
+    assert not np.array_equal(tok.state_dict()["codebooks"], before)  # the tokenizer sees what its trainable form learned
+    np.testing.assert_array_equal(trainable.encode_catalog(), tok.encode(views))

@@ -5,14 +5,9 @@ import pytest
 import torch
 
 from training.model import GenerativeRecommender, Seq2SeqConfig
-from training.train import (
-    TrainConfig,
-    code_tables_from_features,
-    project_features,
-    train_recommender,
-    warm_start_codes,
-    warm_start_items,
-)
+from training.tokenizers import CatalogCodes
+from training.train import TrainConfig, train_recommender
+from training.warm_start import code_tables_from_features, project_features, warm_start_codes, warm_start_items
 
 
 def _items_built_from_codes(n_items: int = 3000, d_feat: int = 8, seed: int = 0):
@@ -57,7 +52,7 @@ def test_warm_start_fills_embeddings_and_heads_but_leaves_unused_codes() -> None
 
 
 def test_warm_start_without_features_is_refused() -> None:
-    codes = np.zeros((4, 2), dtype=np.int64)
+    codes = CatalogCodes(np.zeros((4, 2), dtype=np.int64), [2, 2])
     with pytest.raises(ValueError, match="item features"):
         train_recommender(Seq2SeqConfig(codebook_sizes=[2, 2], d_model=8, n_heads=2, d_ff=16),
                           TrainConfig(epochs=1, init_codes_from_features=True), [np.array([0, 1, 2])],

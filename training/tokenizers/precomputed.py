@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from training.tokenizers.base import FitReport, code_usage, unique_fraction
+from training.tokenizers.base import FitReport, ItemViews, code_usage, unique_fraction
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOKEN = re.compile(r"<[a-z]+_(\d+)>")
@@ -22,7 +22,8 @@ TOKEN = re.compile(r"<[a-z]+_(\d+)>")
 class PrecomputedCodesTokenizer:
     kind = "precomputed"
 
-    def __init__(self, path: str, codebook_size: int = 256) -> None:
+    def __init__(self, path: str, codebook_size: int = 256, input_view: str = "text") -> None:
+        self.input_view = input_view  # unused: the codes come from the file
         self.path = path
         self.codebook_size = codebook_size
         self.codes: np.ndarray | None = None
@@ -42,18 +43,18 @@ class PrecomputedCodesTokenizer:
         rows = [[int(TOKEN.fullmatch(t).group(1)) for t in table[str(i)]] for i in range(len(table))]
         return np.asarray(rows, dtype=np.int64)
 
-    def fit(self, embeddings: np.ndarray, seed: int) -> FitReport:
+    def fit(self, views: ItemViews, seed: int) -> FitReport:
         t0 = time.perf_counter()
         self.codes = self._read()
-        if len(self.codes) != len(embeddings):
-            raise ValueError(f"{self.path} has codes for {len(self.codes)} items, the dataset has {len(embeddings)}")
+        if len(self.codes) != views.n_items:
+            raise ValueError(f"{self.path} has codes for {len(self.codes)} items, the dataset has {views.n_items}")
         return FitReport(
             kind=self.kind, seconds=time.perf_counter() - t0, n_items=len(self.codes),
             codebook_sizes=self.codebook_sizes, code_usage=code_usage(self.codes, self.codebook_sizes),
             unique_fraction=unique_fraction(self.codes),
         )
 
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+    def encode(self, views: ItemViews) -> np.ndarray:
         if self.codes is None:
             raise RuntimeError("tokenizer is not fitted")
         return self.codes

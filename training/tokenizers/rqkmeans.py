@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.tokenizers.base import FitReport, code_usage, unique_fraction
+from training.tokenizers.base import FitReport, MatrixTokenizer, code_usage, unique_fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +100,11 @@ class RQKMeansConfig:
             raise ValueError(f"levels, codebook_size and iters must be >= 1: {self}")
 
 
-class RQKMeansTokenizer:
+class RQKMeansTokenizer(MatrixTokenizer):
     kind = "rqkmeans"
 
-    def __init__(self, config: RQKMeansConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: RQKMeansConfig | None = None, input_view: str = "text", **overrides: Any) -> None:
+        self.input_view = input_view
         self.config = config or RQKMeansConfig(**overrides)
         self.codebooks: np.ndarray | None = None  # (L, K, D) float32
 
@@ -115,7 +116,7 @@ class RQKMeansTokenizer:
     def codebook_sizes(self) -> list[int]:
         return [self.config.codebook_size] * self.config.levels
 
-    def fit(self, embeddings: np.ndarray, seed: int) -> FitReport:
+    def fit_matrix(self, embeddings: np.ndarray, seed: int) -> FitReport:
         t0 = time.perf_counter()
         cfg = self.config
         x = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
@@ -131,7 +132,7 @@ class RQKMeansTokenizer:
             books.append(centres)
             curve.append({"level": float(level), "residual_mse": float(residual.pow(2).mean())})
         self.codebooks = torch.stack(books).numpy()
-        codes = self.encode(embeddings)
+        codes = self.encode_matrix(embeddings)
         return FitReport(
             kind=self.kind,
             seconds=time.perf_counter() - t0,
@@ -143,7 +144,7 @@ class RQKMeansTokenizer:
             curve=curve,
         )
 
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+    def encode_matrix(self, embeddings: np.ndarray) -> np.ndarray:
         if self.codebooks is None:
             raise RuntimeError("tokenizer is not fitted")
         residual = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32)).clone()

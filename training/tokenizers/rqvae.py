@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from training.tokenizers.base import FitReport, code_usage, unique_fraction
+from training.tokenizers.base import FitReport, ItemViews, MatrixTokenizer, code_usage, unique_fraction
 from training.tokenizers.rqkmeans import kmeans, sq_distances
 
 
@@ -109,10 +109,11 @@ class _Norm:
     scale: np.ndarray = field(default_factory=lambda: np.ones(1, np.float32))
 
 
-class RQVAETokenizer:
+class RQVAETokenizer(MatrixTokenizer):
     kind = "rqvae"
 
-    def __init__(self, config: RQVAEConfig | None = None, **overrides: Any) -> None:
+    def __init__(self, config: RQVAEConfig | None = None, input_view: str = "text", **overrides: Any) -> None:
+        self.input_view = input_view
         self.config = config or RQVAEConfig(**overrides)
         self.model: RQVAE | None = None
         self.norm = _Norm()
@@ -182,7 +183,7 @@ class RQVAETokenizer:
 
     # -- interface ------------------------------------------------------------------------------
 
-    def fit(self, embeddings: np.ndarray, seed: int) -> FitReport:
+    def fit_matrix(self, embeddings: np.ndarray, seed: int) -> FitReport:
         previous = torch.get_num_threads()
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
@@ -255,7 +256,7 @@ class RQVAETokenizer:
             elif step == 0:
                 acc = {"recon": 0.0, "quant": 0.0, "k": 0}  # warm-up losses are not quantised ones
         model.eval()
-        codes = self.encode(emb)
+        codes = self.encode_matrix(emb)
         final = self._evaluate(x)
         return FitReport(
             kind=self.kind,
@@ -271,7 +272,7 @@ class RQVAETokenizer:
         )
 
     @torch.no_grad()
-    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+    def encode_matrix(self, embeddings: np.ndarray) -> np.ndarray:
         if self.model is None:
             raise RuntimeError("tokenizer is not fitted")
         self.model.eval()
@@ -285,6 +286,13 @@ class RQVAETokenizer:
             raise RuntimeError("tokenizer is not fitted")
         z_q, _, _, _ = self.model.quantize(self._latents(self._prep(embeddings)))
         return self.model.decoder(z_q).numpy() * self.norm.scale + self.norm.mean
+
+    def trainable(self, views: ItemViews) -> TrainableRQVAE:
+        """The trainable form over this catalog (training/train.py trains it beside the recommender);
+        it shares this tokenizer's weights, so state_dict() and encode() see what it learned."""
+        if self.model is None:
+            raise RuntimeError("tokenizer is not fitted")
+        return TrainableRQVAE(CatalogRQVAE(self.model, self._prep(views.matrix(self.input_view))))
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.model is None:
@@ -300,3 +308,50 @@ class RQVAETokenizer:
         weights = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if not k.startswith("input_")}
         self.model.load_state_dict(weights)
         self.model.eval()
+
+
+class CatalogRQVAE(nn.Module):
+    """An RQ-VAE with its catalog's (standardised) inputs, addressed by item index."""
+
+    def __init__(self, model: RQVAE, inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("inputs", inputs, persistent=False)
+
+    def latents(self, items: torch.Tensor) -> torch.Tensor:
+        return self.model.encoder(self.inputs[items])
+
+    def code_distributions(self, latents: torch.Tensor, temperature: float) -> list[torch.Tensor]:
+        """Per level (M, K): softmax(-squared distance / temperature) of the level's residual (along
+        the nearest codes' path) to every code of the level."""
+        residual, out = latents, []
+        for book in self.model.codebooks:
+            d2 = sq_distances(residual, book)
+            out.append((-d2 / temperature).softmax(-1))
+            residual = residual - book[d2.argmin(1)]
+        return out
+
+    def reconstruct(self, latents: torch.Tensor) -> torch.Tensor:
+        z_q, _, _, _ = self.model.quantize(latents)
+        return self.model.decoder(z_q)
+
+    def loss(self, items: torch.Tensor) -> torch.Tensor:
+        """Reconstruction MSE + the quantisation loss, as in fitting (quant_weight 1)."""
+        x = self.inputs[items]
+        x_hat, _, qloss = self.model(x)
+        return F.mse_loss(x_hat, x) + self.model.cfg.quant_weight * qloss
+
+
+class TrainableRQVAE:
+    def __init__(self, module: CatalogRQVAE) -> None:
+        self.module = module
+
+    @torch.no_grad()
+    def encode_catalog(self, chunk: int = 8192) -> np.ndarray:
+        was_training = self.module.training
+        self.module.eval()
+        inputs = self.module.inputs
+        codes = [self.module.model.quantize(self.module.model.encoder(inputs[i : i + chunk]))[1]
+                 for i in range(0, len(inputs), chunk)]
+        self.module.train(was_training)
+        return torch.cat(codes).cpu().numpy().astype(np.int64)
