@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default=None, help="override the config's dataset: beauty, scientific or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models-dir", default=str(MODELS_DIR))
-    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE",
                    help="override config fields, e.g. train.device=cuda model.d_model=256 tokenizer=rqkmeans")
     p.set_defaults(func=_pipeline)
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--one-at-a-time", action="store_true", help="run the seeds in turn (default: side by side, cores split)")
     p.add_argument("--summarize-only", action="store_true", help="summarize the logs in runs/logs/ without training")
-    p.add_argument("--set", nargs="*", metavar="FIELD=VALUE", help="config overrides passed to every seed")
+    p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE", help="config overrides passed to every seed")
     p.set_defaults(func=_seeds)
 
     p = sub.add_parser("demo-bundle", help="build the small Beauty bundle `make run` serves, if models/ has none")

@@ -14,7 +14,7 @@ import numpy as np
 from training.data import Dataset
 from training.tokenizers.base import VIEWS, ItemViews
 
-SASREC_DROPOUT = {"beauty": 0.3, "scientific": 0.5}  # the recipes of the README's SASRec rows
+SASREC_DROPOUT = {"beauty": 0.3, "scientific": 0.5}  # the SASRec rows' recipes (docs/results.md)
 SASREC_MAX_TRAIN_SECONDS = 1500.0
 
 
