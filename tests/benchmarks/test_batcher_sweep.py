@@ -62,3 +62,24 @@ def test_the_grid_holds_settings_given_on_the_command_line():
     held = batcher_sweep.grid(2, {"engine_workers": 2, "max_batch_size": 8, "max_wait_ms": None})
     assert {(g["engine_workers"], g["max_batch_size"]) for g in held} == {(2, 8)}
     assert len(held) == 4  # busy 1 or 0, window 2 or 5 ms
+
+
+def test_the_sweep_measures_its_leaders_again_and_chooses_by_their_worst_goodput(monkeypatch):
+    # Per setting, the goodput of each measurement in turn: batch 16 leads the first pass on luck and
+    # falls back in the final passes; batch 8 with a 5-ms window holds its goodput.
+    goodputs = {(2, 16, 2.0, 1): [700.0, 480.0, 650.0], (2, 8, 5.0, 1): [640.0, 610.0, 620.0],
+                (2, 8, 2.0, 1): [600.0, 590.0, 600.0]}
+    calls = []
+
+    def fake_measure(dep, setting, seconds_each, window_s, seed):
+        k = batcher_sweep.key(setting)
+        calls.append((k, window_s))
+        series = goodputs.get(k, [100.0])
+        return _measurement(series[min(sum(c[0] == k for c in calls) - 1, len(series) - 1)])
+
+    monkeypatch.setattr(batcher_sweep, "measure_setting", fake_measure)
+    dep = type("Dep", (), {"cores": 2})()
+    chosen = batcher_sweep.sweep(dep, {"engine_workers": 2, "busy_intra_op_threads": 1}, seconds=8.0)
+    assert chosen == {"engine_workers": 2, "max_batch_size": 8, "max_wait_ms": 5.0, "busy_intra_op_threads": 1}
+    finals = [k for k, window_s in calls if window_s == 8.0]
+    assert sorted(set(finals)) == sorted(goodputs) and len(finals) == batcher_sweep.FINALIST_ROUNDS * batcher_sweep.FINALISTS

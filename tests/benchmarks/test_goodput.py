@@ -46,3 +46,18 @@ def test_a_window_with_unanswered_arrivals_is_over_the_budget_whatever_its_p99()
 def test_the_offered_rate_steps_toward_the_edge_of_the_budget(points, expected):
     rate = next_rate(points)
     assert rate == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_stepping_finds_the_edge_between_the_fractions_of_peak(monkeypatch):
+    # A fake service whose p99 crosses 50 ms at 800 req/s: no real load, only the stepping rule.
+    offered = []
+
+    def fake_measure(svc, make, mode, rate, seconds, seed=0):
+        offered.append(rate)
+        return {"offered_rps": rate, "achieved_rps": rate, "p99_ms": 10.0 + 40.0 * rate / 800.0, "ok": 100, "sent": 100}
+
+    monkeypatch.setattr(serving_harness, "measure", fake_measure)
+    rate, rows = serving_harness.step_goodput(None, None, 1000.0, (0.3, 0.7, 1.0), 3, 1.0)
+    assert offered == pytest.approx([300.0, 700.0, 1000.0, 850.0, 775.0, 812.5])
+    assert rate == pytest.approx(775.0)
+    assert [r["fraction_of_peak"] for r in rows[:3]] == [0.3, 0.7, 1.0]
