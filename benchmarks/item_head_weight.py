@@ -2,6 +2,7 @@
 w * item head log-probability for several w, on validation and test users of a bundle whose model
 has an item head; also prints recall@beam, the most any re-ranking of the beam could reach.
 
+    make bench-item-head-weight BUNDLE=models/<name>/<version>
     python benchmarks/item_head_weight.py --bundle models/<name>/<version> [--users 4000] [--weights 0 0.5 1 2 4]
 """
 from __future__ import annotations
@@ -17,10 +18,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.bundle import load_bundle  # noqa: E402
+from training.batching import history_tensors, pad_histories  # noqa: E402
 from training.data import leave_one_out, load_dataset  # noqa: E402
+from training.evaluation import recommend_topk  # noqa: E402
 from training.export import load_recommender  # noqa: E402
 from training.metrics import topk_metrics  # noqa: E402
-from training.train import history_tensors, pad_histories, recommend_topk  # noqa: E402
 
 
 @torch.no_grad()
@@ -39,6 +41,7 @@ def item_log_probs_of(model, histories: list[np.ndarray], semantic_ids: np.ndarr
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", required=True, type=Path)
+    parser.add_argument("--dataset", default=None, help="defaults to the bundle's dataset")
     parser.add_argument("--users", type=int, default=4000, help="sampled users (seeded); 0 = all")
     parser.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--threads", type=int, default=2)
@@ -48,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     model = load_recommender(args.bundle)
     if not model.cfg.item_head:
         parser.error(f"{args.bundle}: this model has no item head (model.item_head)")
-    dataset = load_dataset(bundle.dataset)
+    dataset = load_dataset(args.dataset or bundle.dataset)
     splits = leave_one_out(dataset, max_history=bundle.max_history)
     index = np.array([bundle.index_of[i] for i in dataset.item_ids])  # dataset index -> bundle index
     semantic_ids = bundle.semantic_ids.astype(np.int64)
