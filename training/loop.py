@@ -260,7 +260,7 @@ def run_loop(
         objective.train()
         t0 = time.perf_counter()
         bar = tqdm(task.batches(rng), desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
-        epoch_loss, epoch_targets = 0.0, 0
+        epoch_loss, epoch_targets, term_sums = 0.0, 0, dict.fromkeys(phase.losses, 0.0)
         for batch in bar:
             inputs = task.inputs(batch, rank, world, device)
             if inputs is None:
@@ -280,12 +280,14 @@ def run_loop(
             samples += n_targets * world
             epoch_loss += loss.item() * n_targets
             epoch_targets += n_targets
+            for name in phase.losses:
+                term_sums[name] += objective.last_terms[name] * n_targets
             bar.set_postfix(loss=f"{loss.item():.3f}")
         step_seconds += time.perf_counter() - t0
         task.after_epoch(epoch, phase)
         elapsed = time.perf_counter() - started
         point = {"epoch": epoch, "phase": phase.name, "step": step, "train_loss": epoch_loss / max(1, epoch_targets),
-                 **{f"{name}_loss": value for name, value in objective.last_terms.items() if name in phase.losses},
+                 **{f"{name}_loss": total / max(1, epoch_targets) for name, total in term_sums.items()},
                  "epoch_s": round(time.perf_counter() - t0, 2), "elapsed_s": round(elapsed, 1)}
         out_of_time = cfg.max_train_seconds is not None and elapsed > cfg.max_train_seconds
         if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time):
