@@ -6,7 +6,6 @@ and each other the same way whether run as a script or imported by a test.
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -48,18 +47,6 @@ def fmt(value) -> str:
 
 def round3(x):
     return None if x is None else round(x, 3)
-
-
-def manifest_section(manifest, name: str) -> dict:
-    """A bundle manifest's section ("model", "tokenizer") as a dict, {} when absent; the manifest is
-    service.bundle's typed Manifest or a plain mapping (manifest.json as read)."""
-    section = manifest.get(name) if isinstance(manifest, Mapping) else getattr(manifest, name, None)
-    return section or {}
-
-
-def model_config(manifest) -> dict:
-    """The model's config fields from a bundle manifest ({} when it has none)."""
-    return manifest_section(manifest, "model").get("config", {})
 
 
 def random_histories(n_items: int, count: int, rng: np.random.Generator, length: int = HISTORY) -> list[np.ndarray]:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import batcher_sweep  # noqa: E402
 import engine_micro  # noqa: E402
 import serving_harness  # noqa: E402
-from bench_common import HISTORY, K, REPO, log, model_config, random_histories, table  # noqa: E402
+from bench_common import HISTORY, K, REPO, log, random_histories, table  # noqa: E402
 
 from service.bundle import load_bundle  # noqa: E402
 from service.config import Settings, find_newest_bundle  # noqa: E402
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"graphs: {how}")
         notes.append(how)
         bundle = load_bundle(served)
-        cfg = model_config(bundle.manifest)
+        cfg = bundle.manifest.model.get("config", {})
         log(f"model: d_model {cfg.get('d_model')}, layers {cfg.get('encoder_layers')}+{cfg.get('decoder_layers')}, "
             f"d_ff {cfg.get('d_ff')}, heads {cfg.get('n_heads')}; items {bundle.num_items}, levels {bundle.levels}, "
             f"beam {bundle.beam_size}, k {K}, history {HISTORY}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import K, log, manifest_section, model_config, random_histories, table
+from bench_common import K, log, random_histories, table
 from catalogs import synthetic_semantic_ids
 from flops import machine_matmul_flops, matmul_flops
 
@@ -79,7 +79,7 @@ def against_the_usual_way(bundle: Bundle, histories: list[np.ndarray], engine_ro
     best row, the engine's best row whose p99 is still below the usual way's)."""
     from usual_way import UsualT5Recommender, time_usual_way
 
-    cfg = model_config(bundle.manifest)
+    cfg = bundle.manifest.model.get("config", {})
     usual = UsualT5Recommender(
         bundle.semantic_ids, [int(v) for v in bundle.semantic_ids.max(axis=0) + 1],
         d_model=cfg.get("d_model", 128), d_ff=cfg.get("d_ff", 512), n_heads=cfg.get("n_heads", 4),
@@ -247,7 +247,7 @@ def interleaved_medians(calls: dict, reps: int) -> dict:
 def own_item_table_size(manifest) -> int | None:
     """The catalog size a model that embeds item ids (history_item_ids, item_head) indexes: its whole
     search runs only over synthetic catalogs no larger than that. None: the model sees codes alone."""
-    model_cfg = model_config(manifest)
+    model_cfg = manifest.model.get("config", {})
     return model_cfg.get("item_count") if model_cfg.get("history_item_ids") or model_cfg.get("item_head") else None
 
 
@@ -255,7 +255,7 @@ def trie_scaling(bundle: Bundle, sizes: list[int], work: Path, threads: int, qui
     """Build time and bytes per item of synthetic catalogs; the step time of every depth and (full
     run) the whole search at batch 32, all catalogs timed in turn."""
     codebook_sizes = [int(v) for v in bundle.semantic_ids.max(axis=0) + 1]
-    declared = manifest_section(bundle.manifest, "tokenizer").get("codebook_sizes")
+    declared = bundle.manifest.tokenizer.get("codebook_sizes")
     if declared and len(declared) == len(codebook_sizes):
         codebook_sizes = [max(int(a), b) for a, b in zip(declared, codebook_sizes)]
     sessions = {dense: create_session(export_step_graph(work, bundle.beam_size, max(codebook_sizes), dense),

@@ -5,7 +5,11 @@ from __future__ import annotations
 import engine_micro
 import pytest
 
-from service.bundle import load_bundle
+from service.bundle import Manifest, load_bundle
+
+
+def manifest_with_model(model: dict) -> Manifest:
+    return Manifest(name="m", version="1", max_history=20, beam_size=20, files={}, model=model)
 
 
 @pytest.mark.parametrize(("options", "limit"), [
@@ -15,13 +19,12 @@ from service.bundle import load_bundle
     ({"history_item_ids": True, "item_head": True}, 12101),
 ])
 def test_models_that_embed_item_ids_are_limited_to_their_item_table(options, limit):
-    manifest = {"model": {"kind": "seq2seq", "config": {"item_count": 12101, "history_item_ids": False,
-                                                        "item_head": False} | options}}
-    assert engine_micro.own_item_table_size(manifest) == limit
+    config = {"item_count": 12101, "history_item_ids": False, "item_head": False} | options
+    assert engine_micro.own_item_table_size(manifest_with_model({"kind": "seq2seq", "config": config})) == limit
 
 
 def test_a_manifest_without_model_config_has_no_limit():
-    assert engine_micro.own_item_table_size({}) is None
+    assert engine_micro.own_item_table_size(manifest_with_model({"kind": "seq2seq"})) is None
 
 
 def test_asking_for_cuda_without_a_cuda_onnxruntime_stops_with_what_to_install(tiny_bundle):

@@ -86,7 +86,7 @@ def test_info_says_what_is_served(client: TestClient, demo_bundle: Bundle) -> No
     assert (info["name"], info["version"]) == (demo_bundle.name, demo_bundle.version)
     assert info["engine"] == "graph" and info["provider"] == "CPUExecutionProvider"
     assert info["history_store"] == "memory"
-    assert info["metrics"] == demo_bundle.manifest["metrics"]
+    assert info["metrics"] == demo_bundle.manifest.metrics
     assert info["beam_size"] == 20 and info["num_items"] == demo_bundle.num_items
 
 

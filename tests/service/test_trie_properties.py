@@ -21,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from service.bundle import Bundle
+from service.bundle import Bundle, Manifest
 from service.engine import OnnxBeamEngine
 from service.reference import ReferenceBeamEngine
 from service.trie import DENSE_ENTRIES_LIMIT, PrefixTrie, build_trie
@@ -52,7 +52,7 @@ SHAPES = {
 def export_shape(shape: Shape, out_dir: Path) -> Bundle:
     """A tiny random model of this shape, its three graphs, and a Bundle over its export catalog."""
     from training.beam import ConstrainedBeamSearch, trie_input_names, trie_tensors
-    from training.export import export_graphs
+    from training.graphs import export_seq2seq_graphs
     from training.model import GenerativeRecommender, Seq2SeqConfig
 
     torch.manual_seed(sum(shape.codebook_sizes) * 31 + shape.beam)
@@ -67,7 +67,7 @@ def export_shape(shape: Shape, out_dir: Path) -> Bundle:
                 parameter.normal_(0.0, 0.5)
     catalog = export_catalog(shape.codebook_sizes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    export_graphs(model, catalog, shape.beam, out_dir)
+    export_seq2seq_graphs(model, catalog, shape.beam, out_dir)
     if shape.all_csr:  # re-export the beam search with int32 CSR tables at every depth
         levels = len(shape.codebook_sizes)
         trie = trie_tensors(build_trie(catalog).as_feeds(dense_levels=0), levels)
@@ -84,7 +84,8 @@ def export_shape(shape: Shape, out_dir: Path) -> Bundle:
                               output_names=["item_indices", "scores"], dynamic_axes=axes)
         (out_dir / "beam_search.onnx").write_bytes(buffer.getvalue())
     files = {name: "" for name in ("beam_search.onnx", "encoder.onnx", "decoder.onnx")}
-    manifest = {"name": "prop", "version": "0", "beam_size": shape.beam, "max_history": MAX_HISTORY, "files": files}
+    manifest = Manifest(name="prop", version="0", beam_size=shape.beam, max_history=MAX_HISTORY, files=files,
+                        model={"kind": "seq2seq", "config": cfg.to_dict()})
     return catalog_bundle(Bundle(out_dir, manifest, catalog.astype(np.int32), [], [], np.zeros(0, np.int64), {}), catalog)
 
 
@@ -255,7 +256,6 @@ def test_dense_rows_only_where_their_size_is_bounded() -> None:
 def test_kv_cached_decoder_matches_the_full_decoder(start_from_history: bool) -> None:
     """The graph's incremental decoder (one new position per step, cached keys/values) equals
     GenerativeRecommender.decode over the whole prefix, in torch, for every level."""
-    from training.beam import ConstrainedBeamSearch
     from training.model import NEG, GenerativeRecommender, Seq2SeqConfig
 
     torch.manual_seed(0)
@@ -263,7 +263,6 @@ def test_kv_cached_decoder_matches_the_full_decoder(start_from_history: bool) ->
                         decoder_layers=3, dropout=0.0, max_history=MAX_HISTORY,
                         decoder_start_from_history=start_from_history)
     model = GenerativeRecommender(cfg).eval()
-    search = ConstrainedBeamSearch(model, beam_size=4)
     groups, requests = 3, 2
     codes = torch.stack([torch.randint(0, v, (groups * requests,)) for v in cfg.codebook_sizes], dim=1)
     history = torch.stack([torch.randint(0, v, (requests, MAX_HISTORY)) for v in cfg.codebook_sizes], dim=-1)
@@ -278,8 +277,8 @@ def test_kv_cached_decoder_matches_the_full_decoder(start_from_history: bool) ->
         transposed = [(key.transpose(-1, -2), value) for key, value in cross_kv]
         cache: list = []
         for step in range(cfg.levels):
-            x = search.step_input(step, codes[:, step - 1] if step else codes[:, 0], newest)  # (S, D)
-            hidden, cache = search.decode_newest(x, cache, transposed, cross_bias, groups=groups)
+            x = model.step_input(step, codes[:, step - 1] if step else codes[:, 0], newest)  # (S, D)
+            hidden, cache = model.decode_newest(x, cache, transposed, cross_bias, groups=groups)
             torch.testing.assert_close(hidden, full[:, step], atol=1e-5, rtol=1e-5)
 
 
@@ -308,7 +307,7 @@ def test_last_level_runs_the_decoder_only_where_a_node_has_several_children(dens
     class EveryBeam(ConstrainedBeamSearch):
         def last_level_log_probs(self, x, self_kv, cross_kv, cross_bias, node, trie_codes):
             self.nodes_seen = node
-            hidden, _ = self.decode_newest(x, self_kv, cross_kv, cross_bias, groups=node.shape[1])
+            hidden, _ = self.model.decode_newest(x, self_kv, cross_kv, cross_bias, groups=node.shape[1])
             return self.model.level_log_probs(hidden, cfg.levels - 1).reshape(*node.shape, cfg.max_codebook)
 
     with torch.no_grad():

@@ -11,7 +11,6 @@ from training.data import leave_one_out, make_synthetic_dataset
 from training.sasrec import (
     SASRec,
     SASRecConfig,
-    SASRecTrainConfig,
     collate_histories,
     load_item_embeddings,
     main,
