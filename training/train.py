@@ -76,9 +76,8 @@ class RecommenderTask:
                                         warmup_steps=train_cfg.warmup_steps)]
         if tokenizer is not None:
             self.param_groups.append(ParamGroup("tokenizer", list(tokenizer.module.parameters()), train_cfg.tokenizer_lr))
-        for name, loss in (extra_losses or {}).items():  # adapters train with the recommender
-            if any(True for _ in loss.parameters()):
-                self.param_groups[0].params += list(loss.parameters())
+        # Adapters of the extra losses train with the recommender.
+        self.param_groups[0].params += [p for loss in (extra_losses or {}).values() for p in loss.parameters()]
         self.steps_per_epoch = math.ceil(len(sequences) / train_cfg.batch_size)
 
     def batches(self, rng: np.random.Generator) -> list[list[int]]:
