@@ -39,21 +39,21 @@ def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True)
 
 
 def item_views(
-    view: str,
+    names: set[str],
     text_embeddings: Callable[[], np.ndarray],
     dataset: Dataset,
     seed: int,
     collaborative_weight: float = 1.0,
     progress: bool = True,
 ) -> ItemViews:
-    """The item views that `view` (tokenizers.VIEWS) reads, in dataset item order; the others stay
-    None. text_embeddings is called only when needed (encoding a catalog's texts takes minutes on
-    a CPU); collaborative embeddings are SASRec's, trained now when no cached artifact matches."""
-    if view not in VIEWS:
-        raise ValueError(f"unknown item view {view!r}; known: {list(VIEWS)}")
-    parts = view.split("+")
+    """The item views named ("text", "collaborative"), in dataset item order; the others stay None.
+    text_embeddings is called only when needed (encoding a catalog's texts takes minutes on a CPU);
+    collaborative embeddings are SASRec's, trained now when no cached artifact matches."""
+    unknown = sorted(set(names) - {"text", "collaborative"})
+    if unknown:
+        raise ValueError(f"unknown item views {unknown}; known: {list(VIEWS)}")
     return ItemViews(
-        text=np.asarray(text_embeddings(), dtype=np.float32) if "text" in parts else None,
-        collaborative=collaborative_embeddings(dataset, seed, progress) if "collaborative" in parts else None,
+        text=np.asarray(text_embeddings(), dtype=np.float32) if "text" in names else None,
+        collaborative=collaborative_embeddings(dataset, seed, progress) if "collaborative" in names else None,
         collaborative_weight=collaborative_weight,
     )

@@ -71,6 +71,11 @@ class Seq2SeqConfig:
     # (LIGER-style: generative retrieval, dense ranking of what it retrieved).
     item_head: bool = False
     item_head_weight: float = 1.0
+    # LETTER's ranking-guided generation loss: the code cross-entropy over logits / tau (tau < 1
+    # sharpens the softmax, weighting hard negatives more). decode_with_temperature makes the beam
+    # search score with logits / tau as well.
+    code_loss_temperature: float = 1.0
+    decode_with_temperature: bool = False
 
     @property
     def levels(self) -> int:
@@ -362,7 +367,10 @@ class GenerativeRecommender(nn.Module):
 
     def level_log_probs(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
         """hidden (..., D) -> (..., V_max) log-probabilities of code `level`, NEG beyond its codebook."""
-        logits = self.heads[level](hidden).float().log_softmax(-1)
+        logits = self.heads[level](hidden).float()
+        if self.cfg.decode_with_temperature and self.cfg.code_loss_temperature != 1.0:
+            logits = logits / self.cfg.code_loss_temperature
+        logits = logits.log_softmax(-1)
         pad = self.cfg.max_codebook - logits.shape[-1]
         return F.pad(logits, (0, pad), value=NEG) if pad else logits
 
@@ -415,9 +423,12 @@ class GenerativeRecommender(nn.Module):
         return loss, n_targets, states
 
     def codes_loss(self, hidden: torch.Tensor, target_codes: torch.Tensor) -> torch.Tensor:
-        """hidden (M, L, D) decoder states, target_codes (M, L) -> mean cross-entropy summed over levels."""
+        """hidden (M, L, D) decoder states, target_codes (M, L) -> mean cross-entropy summed over
+        levels, of logits / code_loss_temperature."""
         loss = hidden.new_zeros((), dtype=torch.float32)
         for lvl in range(self.cfg.levels):
             logits = self.heads[lvl](hidden[:, lvl]).float()
+            if self.cfg.code_loss_temperature != 1.0:
+                logits = logits / self.cfg.code_loss_temperature
             loss = loss + F.cross_entropy(logits, target_codes[:, lvl])
         return loss

@@ -21,18 +21,20 @@ from training.embeddings import embed_items, get_text_encoder
 from training.evaluation import beam_ranker, evaluate
 from training.export import check_bundle, write_bundle
 from training.item_features import item_views
-from training.tokenizers import CatalogCodes, FitReport, ItemViews, get_tokenizer
+from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
+from training.tokenizers.diagnostics import code_neighbour_similarity
 from training.train import train_recommender
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def fit_semantic_ids(views: ItemViews, cfg: PipelineConfig, seed: int):
-    """Tokenizer fit, cached under (the tokenizer's input, kind, params, seed) -> (raw codes,
-    tokenizer, its fit report)."""
-    tokenizer = get_tokenizer(cfg.tokenizer, input_view=cfg.item_features, **cfg.tokenizer_params)
-    key = [views.matrix(cfg.item_features).tobytes(), cfg.tokenizer, json.dumps(tokenizer.params, sort_keys=True, default=str),
-           str(seed)]
+    """Tokenizer fit, cached under (the views it reads, kind, params, seed) -> (raw codes, tokenizer,
+    its fit report)."""
+    tokenizer = make_tokenizer(cfg)
+    read = sorted(tokenizer.views)
+    key = [*(views.matrix(view).tobytes() for view in read), cfg.tokenizer, cfg.item_features,
+           json.dumps(tokenizer.params, sort_keys=True, default=str), str(seed)]
     path = cache_path("tokenizer", key, suffix=".safetensors")
     report_path = path.with_suffix(".json")
     if path.exists() and report_path.exists():
@@ -48,9 +50,17 @@ def fit_semantic_ids(views: ItemViews, cfg: PipelineConfig, seed: int):
     return raw_codes, tokenizer, report
 
 
+def make_tokenizer(cfg: PipelineConfig) -> ItemTokenizer:
+    return get_tokenizer(cfg.tokenizer, input_view=cfg.item_features, **cfg.tokenizer_params)
+
+
 def pipeline_views(cfg: PipelineConfig, dataset, progress: bool = True) -> ItemViews:
-    """The item views cfg's tokenizer reads (computed and cached on first use)."""
-    return item_views(cfg.item_features, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
+    """The item views cfg's tokenizer reads, plus the collaborative one for the code diagnostics
+    (computed and cached on first use)."""
+    names = make_tokenizer(cfg).views | set(cfg.item_features.split("+"))
+    if cfg.code_diagnostics:
+        names.add("collaborative")
+    return item_views(names, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
                       dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
 
 
@@ -58,6 +68,17 @@ def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
     """Computes and caches what every seed of `cfg` reads (text embeddings, collaborative
     embeddings), so seeds started side by side neither repeat that work nor race on its files."""
     pipeline_views(cfg, load_dataset(cfg.dataset), progress)
+
+
+def code_quality_figures(codes: CatalogCodes, views: ItemViews) -> dict[str, Any]:
+    """Per-level code usage, items that collided before the collision level, and (with the
+    collaborative view) how alike items sharing a first code are against any two items."""
+    figures: dict[str, Any] = {"code_usage": [round(u, 4) for u in codes.report.code_usage],
+                               "collisions_before_separation": codes.report.collisions_before_separation}
+    if views.collaborative is not None:
+        similarity = code_neighbour_similarity(codes.semantic_ids[:, :-1], views.collaborative)
+        figures.update({k: round(v, 4) for k, v in similarity.items()})
+    return figures
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -89,11 +110,10 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     t0 = time.perf_counter()
     raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
     codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity)
-    sid_report = codes.report
     lap("tokenizer", t0)
+    code_quality = code_quality_figures(codes, views)
     if progress:
-        print(f"[genrec] code usage per level {[round(u, 3) for u in sid_report.code_usage]}, "
-              f"{sid_report.collisions_before_separation} items collided before separation", flush=True)
+        print(f"[genrec] code quality: {json.dumps(code_quality)}", flush=True)
 
     model_cfg = replace(cfg.model, codebook_sizes=list(codes.codebook_sizes), item_count=len(raw_codes))
     train_cfg = replace(cfg.train, seed=seed, beam_size=cfg.beam_size)
@@ -108,6 +128,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind,
     )
     semantic_ids, sid_report = result.codes.semantic_ids, result.codes.report
+    if result.codes.refreshes:  # the codes the bundle keeps are the trained ones
+        code_quality = code_quality_figures(result.codes, views)
     lap("train", t0)
 
     t0 = time.perf_counter()
@@ -130,8 +152,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "params": tokenizer.params,
         "levels": int(semantic_ids.shape[1]),
         "codebook_sizes": sid_report.codebook_sizes,
-        "collisions_before_separation": sid_report.collisions_before_separation,
-        "code_usage": sid_report.code_usage,
+        **code_quality,
     }
     t0 = time.perf_counter()
     bundle_dir = write_bundle(
@@ -148,7 +169,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         tokenizer_state=tokenizer.state_dict(),
         text_encoder=cfg.text_encoder,
         beam_size=cfg.beam_size,
-        metrics={"valid": valid, "test": test, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
+        metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+                 "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
             "seed": seed,
@@ -171,12 +193,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "seed": seed,
         "beam": cfg.beam_size,
         "wall_s": round(time.perf_counter() - started, 1),
-        "tokenizer": {
-            "kind": cfg.tokenizer,
-            "item_features": cfg.item_features,
-            "code_usage": sid_report.code_usage,
-            "collisions_before_separation": sid_report.collisions_before_separation,
-        },
+        "tokenizer": {"kind": cfg.tokenizer, "item_features": cfg.item_features, **code_quality},
         "valid": valid,
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),

@@ -87,3 +87,25 @@ def test_the_bundle_writes_the_tokenizer_fit_and_names_the_model_kind(tiny_bundl
     fit = json.loads(bundle.file("tokenizer_fit.json").read_text())
     assert fit["kind"] == bundle.manifest.tokenizer["kind"] and fit["n_items"] == bundle.num_items
     assert len(fit["curve"]) > 0
+
+
+def test_a_letter_bundle_with_a_ranking_temperature_serves_what_torch_ranks(tmp_path: Path) -> None:
+    """LETTER codes (text view + the collaborative loss) and the ranking-guided loss with the
+    temperature in decoding too: the export check holds and the code quality figures are kept."""
+    from training.configs import apply_overrides, get_config
+    from training.data import make_synthetic_dataset, write_dataset
+    from training.pipeline import run_pipeline
+
+    data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
+    cfg = apply_overrides(get_config("tiny", str(data_dir)), [
+        "tokenizer=letter", 'tokenizer_params={"levels": 2, "codebook_size": 8, "hidden": [16], "latent_dim": 8, '
+        '"steps": 60, "batch_size": 32, "show_progress": false}',
+        "model.code_loss_temperature=0.8", "model.decode_with_temperature=true"])
+    summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
+    check = summary["export_check"]
+    assert check["served_top10_equal"] == check["users_checked"] > 0
+    bundle = load_bundle(Path(summary["bundle"]))
+    quality = bundle.manifest.metrics["code_quality"]
+    assert quality["collisions_before_separation"] >= 0 and len(quality["code_usage"]) == 2
+    assert -1.0 <= quality["random_pair_cosine"] <= quality["first_code_pair_cosine"] + 1.0
+    assert bundle.manifest.tokenizer["kind"] == "letter"

@@ -13,7 +13,7 @@ from training.tokenizers import VIEWS
 
 def item_features(view: str, text, dataset, **kwargs) -> np.ndarray:
     """The matrix a tokenizer reading `view` fits."""
-    return item_views(view, text, dataset, **kwargs).matrix(view)
+    return item_views(set(view.split("+")), text, dataset, **kwargs).matrix(view)
 
 
 def no_text() -> np.ndarray:

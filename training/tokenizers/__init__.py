@@ -7,6 +7,7 @@ from training.tokenizers.base import (
     VIEWS, CatalogCodes, FitReport, ItemTokenizer, ItemViews, SemanticIdReport, TrainableTokenizer, assign_semantic_ids,
     code_usage,
 )
+from training.tokenizers.letter import LetterConfig, LetterTokenizer
 from training.tokenizers.rqkmeans import RQKMeansConfig, RQKMeansTokenizer
 from training.tokenizers.precomputed import PrecomputedCodesTokenizer
 from training.tokenizers.rqvae import RQVAEConfig, RQVAETokenizer
@@ -15,6 +16,7 @@ _REGISTRY: dict[str, type] = {
     "rqvae": RQVAETokenizer,
     "rqkmeans": RQKMeansTokenizer,
     "precomputed": PrecomputedCodesTokenizer,
+    "letter": LetterTokenizer,
 }
 
 
@@ -47,5 +49,5 @@ def load_bundle_tokenizer(bundle_dir) -> ItemTokenizer:
 __all__ = [
     "VIEWS", "CatalogCodes", "FitReport", "ItemTokenizer", "ItemViews", "SemanticIdReport", "TrainableTokenizer",
     "assign_semantic_ids", "code_usage", "get_tokenizer", "load_bundle_tokenizer",
-    "RQKMeansConfig", "RQKMeansTokenizer", "RQVAEConfig", "RQVAETokenizer",
+    "LetterConfig", "LetterTokenizer", "RQKMeansConfig", "RQKMeansTokenizer", "RQVAEConfig", "RQVAETokenizer",
 ]

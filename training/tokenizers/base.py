@@ -64,7 +64,8 @@ class ItemViews:
 class ItemTokenizer(Protocol):
     kind: str
     params: dict[str, Any]  # JSON-able, written to the manifest; enough to rebuild the tokenizer
-    input_view: str  # the view fit() and encode() read (VIEWS), a method may read more
+    input_view: str  # the view encode() reads (VIEWS)
+    views: set[str]  # every view fit() reads ("text", "collaborative")
 
     def fit(self, views: ItemViews, seed: int) -> FitReport: ...
 
@@ -94,6 +95,11 @@ class MatrixTokenizer:
     """A tokenizer that fits one matrix, the view `input_view`: subclasses implement fit_matrix
     and encode_matrix."""
     input_view = "text"
+
+    @property
+    def views(self) -> set[str]:
+        """The item views fit() reads."""
+        return set(self.input_view.split("+"))
 
     def fit(self, views: ItemViews, seed: int) -> FitReport:
         return self.fit_matrix(views.matrix(self.input_view), seed)

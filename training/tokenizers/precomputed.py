@@ -33,6 +33,10 @@ class PrecomputedCodesTokenizer:
         return {"path": self.path, "codebook_size": self.codebook_size}
 
     @property
+    def views(self) -> set[str]:
+        return set()  # the codes come from the file
+
+    @property
     def codebook_sizes(self) -> list[int]:
         levels = 0 if self.codes is None else self.codes.shape[1]
         return [self.codebook_size] * levels

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,8 @@ from tqdm.auto import tqdm
 
 from training.tokenizers.base import FitReport, ItemViews, MatrixTokenizer, code_usage, unique_fraction
 from training.tokenizers.rqkmeans import kmeans, sq_distances
+
+Assign = Callable[[int, torch.Tensor], torch.Tensor]  # (level, squared distances (B, K)) -> codes (B,)
 
 
 @dataclass
@@ -74,8 +77,10 @@ class RQVAE(nn.Module):
         self.decoder = _mlp([cfg.latent_dim, *reversed(cfg.hidden), input_dim])
         self.codebooks = nn.Parameter(torch.randn(cfg.levels, cfg.codebook_size, cfg.latent_dim) * 0.01)  # (L, K, d)
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """z (B, d) -> (z_q straight-through (B, d), codes (B, L), quant loss, residuals per level)."""
+    def quantize(self, z: torch.Tensor, assign: Assign | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """z (B, d) -> (z_q straight-through (B, d), codes (B, L), quant loss, residuals per level).
+        assign(level, squared distances (B, K)) -> codes (B,) replaces the nearest code (e.g. a
+        balanced assignment while training)."""
         residual = z
         q_sum = torch.zeros_like(z)
         codes, residuals = [], []
@@ -83,7 +88,8 @@ class RQVAE(nn.Module):
         for level in range(self.cfg.levels):
             book = self.codebooks[level]  # (K, d)
             residuals.append(residual.detach())
-            idx = sq_distances(residual.detach(), book.detach()).argmin(1)  # (B,)
+            d2 = sq_distances(residual.detach(), book.detach())
+            idx = d2.argmin(1) if assign is None else assign(level, d2)  # (B,)
             q = book[idx]  # (B, d)
             # codebook loss moves codes to residuals; commitment pulls the encoder toward its codes
             loss = loss + F.mse_loss(q, residual.detach()) + self.cfg.beta * F.mse_loss(residual, q.detach())
@@ -95,12 +101,13 @@ class RQVAE(nn.Module):
         z_q = z + (q_sum - z).detach()  # straight-through: decoder sees codes, gradient goes to z
         return z_q, torch.stack(codes, 1), loss / self.cfg.levels, residuals
 
-    def forward(self, x: torch.Tensor, quantize: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, quantize: bool = True, assign: Assign | None = None):
+        """-> (reconstruction (B, D_in), codes (B, L), quant loss (), z_q (B, d))."""
         z = self.encoder(x)  # (B, d)
         if not quantize:  # autoencoder warm-up: no codes yet
-            return self.decoder(z), torch.zeros(len(x), 0, dtype=torch.long), z.new_zeros(())
-        z_q, codes, qloss, _ = self.quantize(z)
-        return self.decoder(z_q), codes, qloss  # (B, D_in), (B, L), ()
+            return self.decoder(z), torch.zeros(len(x), 0, dtype=torch.long), z.new_zeros(()), z
+        z_q, codes, qloss, _ = self.quantize(z, assign)
+        return self.decoder(z_q), codes, qloss, z_q
 
 
 @dataclass
@@ -213,18 +220,18 @@ class RQVAETokenizer(MatrixTokenizer):
         for name, p in model.named_parameters():
             if name != "codebooks":
                 (no_decay if name.endswith("bias") else decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
-             {"params": [model.codebooks], "weight_decay": 0.0, "lr": cfg.lr * cfg.codebook_lr_mult}],
-            lr=cfg.lr,
-        )
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+                  {"params": [model.codebooks], "weight_decay": 0.0, "lr": cfg.lr * cfg.codebook_lr_mult}]
+        if self._extra_parameters():
+            groups.append({"params": self._extra_parameters(), "weight_decay": 0.0})
+        opt = torch.optim.AdamW(groups, lr=cfg.lr)
         total = cfg.warmup_steps + cfg.steps
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * s / total))
         )
         bs = min(cfg.batch_size, n)
         perm, pos = torch.randperm(n, generator=gen), 0
-        acc = {"recon": 0.0, "quant": 0.0, "k": 0}
+        acc: dict[str, float] = {"k": 0}
         resets = 0
         initial: dict[str, float] = {}
         model.train()
@@ -235,26 +242,27 @@ class RQVAETokenizer(MatrixTokenizer):
                 initial = self._evaluate(x)
             if pos + bs > n:  # new epoch
                 perm, pos = torch.randperm(n, generator=gen), 0
-            batch = x[perm[pos : pos + bs]]
+                if step >= 1:
+                    self._new_epoch(gen)
+            index = perm[pos : pos + bs]
             pos += bs
-            x_hat, _, qloss = model(batch, quantize=step >= 1)
-            recon = F.mse_loss(x_hat, batch)
-            loss = recon + cfg.quant_weight * qloss
+            loss, terms = self._batch_loss(x, index, quantize=step >= 1, gen=gen)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            acc["recon"] += recon.item()
-            acc["quant"] += qloss.item()
+            for name, value in terms.items():
+                acc[name] = acc.get(name, 0.0) + value.item()
             acc["k"] += 1
             if cfg.reset_every and step > 0 and step % cfg.reset_every == 0 and step <= cfg.reset_until * cfg.steps:
                 resets += self._reset_dead_codes(x, gen, opt)
             if step > 0 and (step % cfg.log_every == 0 or step == cfg.steps):
-                curve.append({"step": float(step), "recon_mse": acc["recon"] / acc["k"],
-                              "quant_loss": acc["quant"] / acc["k"], "codes_reset": float(resets)})
-                acc = {"recon": 0.0, "quant": 0.0, "k": 0}
+                curve.append({"step": float(step), **{f"{name}_loss" if name != "recon" else "recon_mse": value / acc["k"]
+                                                      for name, value in acc.items() if name != "k"},
+                              "codes_reset": float(resets)})
+                acc = {"k": 0}
             elif step == 0:
-                acc = {"recon": 0.0, "quant": 0.0, "k": 0}  # warm-up losses are not quantised ones
+                acc = {"k": 0}  # warm-up losses are not quantised ones
         model.eval()
         codes = self.encode_matrix(emb)
         final = self._evaluate(x)
@@ -267,9 +275,26 @@ class RQVAETokenizer(MatrixTokenizer):
             unique_fraction=unique_fraction(codes),
             metrics={"initial_recon_mse": initial["recon_mse"], "initial_rel_quant_error": initial["rel_quant_error"],
                      **final,
-                     "quant_loss": curve[-1]["quant_loss"], "codes_reset": float(resets)},
+                     **{k: v for k, v in curve[-1].items() if k.endswith("_loss")}, "codes_reset": float(resets)},
             curve=curve,
         )
+
+    def _batch_loss(self, x: torch.Tensor, index: torch.Tensor, quantize: bool, gen: torch.Generator
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of one batch (the items `index` of the standardised inputs x) and its terms
+        ("recon" and "quant", plus what a subclass adds)."""
+        assert self.model is not None
+        batch = x[index]
+        x_hat, _, qloss, _ = self.model(batch, quantize=quantize)
+        recon = F.mse_loss(x_hat, batch)
+        return recon + self.config.quant_weight * qloss, {"recon": recon, "quant": qloss}
+
+    def _extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters a subclass's losses train beside the RQ-VAE."""
+        return []
+
+    def _new_epoch(self, gen: torch.Generator) -> None:
+        """Called at each pass over the items once quantisation runs (a subclass's per-epoch work)."""
 
     @torch.no_grad()
     def encode_matrix(self, embeddings: np.ndarray) -> np.ndarray:
@@ -338,7 +363,7 @@ class CatalogRQVAE(nn.Module):
     def loss(self, items: torch.Tensor) -> torch.Tensor:
         """Reconstruction MSE + the quantisation loss, as in fitting (quant_weight 1)."""
         x = self.inputs[items]
-        x_hat, _, qloss = self.model(x)
+        x_hat, _, qloss, _ = self.model(x)
         return F.mse_loss(x_hat, x) + self.model.cfg.quant_weight * qloss
 
 
