@@ -77,3 +77,9 @@ bench-beam-sensitivity: $(STAMP)
 bench-item-head-weight: $(STAMP)
 	@test -n "$(BUNDLE)" || { echo "usage: make bench-item-head-weight BUNDLE=models/<name>/<version>"; exit 2; }
 	$(BIN)/python benchmarks/item_head_weight.py --bundle $(BUNDLE)
+
+# Study: with the ranking loss's temperature (model.code_loss_temperature), decode with logits / tau or not.
+.PHONY: bench-decode-temperature
+bench-decode-temperature: $(STAMP)
+	@test -n "$(BUNDLE)" || { echo "usage: make bench-decode-temperature BUNDLE=models/<name>/<version>"; exit 2; }
+	$(BIN)/python benchmarks/decode_temperature.py --bundle $(BUNDLE)

@@ -49,6 +49,8 @@ def _named(name: str, dataset: str, **fields: Any) -> tuple[str, PipelineConfig]
 # The recommender these share: 4 + 4 layers, d 128 (Seq2SeqConfig's defaults).
 # Collaborative codes: RQ-KMeans over SASRec's item table (trained first on the same split when not cached).
 _ITEM_HEAD_MODEL = Seq2SeqConfig(history_item_ids=True, item_head=True)  # + one embedding per history item, + item head
+_LETTER_TOKENIZER = {"cf_weight": 0.1, "diversity_weight": 1e-4}  # the paper's Beauty values
+_LETTER_TAU = 1.0
 CONFIGS: dict[str, PipelineConfig] = dict([
     # Seconds on 2 cores, on a dataset folder given at run time (a synthetic one in tests and examples).
     _named("tiny", "", text_encoder="hashing-64", tokenizer="rqkmeans",
@@ -80,6 +82,13 @@ CONFIGS: dict[str, PipelineConfig] = dict([
     _named("beauty-letter-published-codes", "beauty", tokenizer="precomputed",
            tokenizer_params={"path": "data/beauty/semantic_ids/LETTER_Beauty.index.json"},
            train=TrainConfig(max_train_seconds=5400)),
+    # LETTER: the TIGER rows' RQ-VAE (3 x 256, 32-d latent) on text with the collaborative loss
+    # (alpha, against SASRec's item table) and the diversity loss (beta), a Sinkhorn-balanced last
+    # level, and the ranking-guided code loss (tau, model.code_loss_temperature).
+    _named("scientific-letter", "scientific", tokenizer="letter", tokenizer_params=_LETTER_TOKENIZER,
+           model=Seq2SeqConfig(code_loss_temperature=_LETTER_TAU), train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    _named("beauty-letter", "beauty", tokenizer="letter", tokenizer_params=_LETTER_TOKENIZER,
+           model=Seq2SeqConfig(code_loss_temperature=_LETTER_TAU), train=TrainConfig(max_train_seconds=5400)),
     # The best measured: collaborative codes, the code embeddings and heads started from the SASRec
     # table they were fitted on (train.init_codes_from_features), an embedding per history item
     # started from what the codes leave unexplained, and the item head: the encoder's newest state

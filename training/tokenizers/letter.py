@@ -38,19 +38,21 @@ class LetterConfig(RQVAEConfig):
     diversity_weight: float = 1e-4  # beta: L_div
     diversity_clusters: int = 10  # clusters of each level's codebook
     sinkhorn_epsilon: float = 0.003  # last level's Sinkhorn entropy (0: nearest code while training too)
-    sinkhorn_iters: int = 50
+    sinkhorn_iters: int = 20
 
 
 def sinkhorn_codes(d2: torch.Tensor, epsilon: float, iters: int) -> torch.Tensor:
     """Codes (B,) from squared distances (B, K) through Sinkhorn-Knopp: a transport plan with
-    uniform marginals over items and codes, so a batch's items spread over the codebook."""
-    span = (d2.max() - d2.min()).clamp_min(1e-12)
-    log_q = -(d2 - d2.min()) / span / epsilon  # distances scaled to [0, 1]
-    log_q = log_q.double()
+    uniform marginals over items and codes, so a batch's items spread over the codebook. Distances
+    are centred and scaled to [-1, 1] first; float64 keeps exp(1 / epsilon) finite."""
+    middle = (d2.max() + d2.min()) / 2
+    span = ((d2.max() - d2.min()) / 2).clamp_min(1e-12)
+    q = torch.exp(-((d2 - middle) / span).double() / epsilon)
+    q = q / q.sum()
     for _ in range(iters):
-        log_q = log_q - log_q.logsumexp(0, keepdim=True)  # every code gets 1/K of the mass
-        log_q = log_q - log_q.logsumexp(1, keepdim=True)  # every item 1/B
-    return log_q.argmax(1)
+        q = q / q.sum(0, keepdim=True) / q.shape[1]  # every code gets 1/K of the mass
+        q = q / q.sum(1, keepdim=True) / q.shape[0]  # every item 1/B
+    return q.argmax(1)
 
 
 def diversity_loss(code_vectors: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, clusters: torch.Tensor,

@@ -45,7 +45,9 @@ class RQVAEConfig:
     standardize: bool = True  # centre inputs and scale to unit mean variance, so MSE ~ 1 at start
     log_every: int = 100
     show_progress: bool = True
-    threads: int | None = None  # torch threads during fit (None = torch default); 1 is faster on a busy machine
+    # torch threads during fit; None = torch's default. One thread gives the same codes for the same seed
+    # every time (with more, the order of parallel sums varies and so do the codes).
+    threads: int | None = 1
 
     def __post_init__(self) -> None:
         if min(self.levels, self.codebook_size, self.steps, self.batch_size, self.latent_dim) < 1:
