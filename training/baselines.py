@@ -15,11 +15,12 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from training.data import Splits, item_popularity, leave_one_out, load_dataset
-from training.metrics import topk_metrics
+from training.evaluation import evaluate
 
 TOP_K = 10
 
@@ -77,8 +78,8 @@ def evaluate_baselines(splits: Splits, n_items: int) -> dict[str, dict[str, dict
     floors = Floors.from_train(splits.train_sequences, n_items)
     return {
         name: {
-            "valid": topk_metrics(topk(floors, splits.valid_histories), splits.valid_targets),
-            "test": topk_metrics(topk(floors, splits.test_histories), splits.test_targets),
+            "valid": evaluate(partial(topk, floors), splits.valid_histories, splits.valid_targets),
+            "test": evaluate(partial(topk, floors), splits.test_histories, splits.test_targets),
         }
         for name, topk in BASELINES.items()
     }

@@ -29,9 +29,9 @@ class PipelineConfig:
     # Set it when codes change during training (a tokenizer trained beside the recommender).
     collision_capacity: int | None = None
     model_kind: str = "seq2seq"  # training/model_kinds.py
-    # Code quality beside usage and collisions: how alike (SASRec cosine) items sharing a first code
-    # are, against random pairs; needs the collaborative view (SASRec is trained if not cached).
-    code_diagnostics: bool = True
+    # SASRec on the same split (trained when not cached): its figures beside the model's, and its
+    # item table for the code quality figure (how alike items sharing a first code are).
+    collaborative_reference: bool = True
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     beam_size: int = 20

@@ -57,3 +57,16 @@ def item_views(
         collaborative=collaborative_embeddings(dataset, seed, progress) if "collaborative" in names else None,
         collaborative_weight=collaborative_weight,
     )
+
+
+def sasrec_reference(dataset: Dataset, seed: int) -> dict | None:
+    """SASRec's valid and test figures from its cached artifact for this catalog, if there is one."""
+    from training.sasrec import default_artifact_path, load_item_embeddings
+
+    path = default_artifact_path(dataset.name, seed)
+    if not path.is_file():
+        return None
+    embeddings, meta = load_item_embeddings(path)
+    if embeddings.shape[0] != dataset.n_items or "valid" not in meta or "test" not in meta:
+        return None
+    return {"valid": meta["valid"], "test": meta["test"]}

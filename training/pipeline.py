@@ -20,7 +20,8 @@ from training.data import item_popularity, leave_one_out, load_dataset, make_syn
 from training.embeddings import embed_items, get_text_encoder
 from training.evaluation import beam_ranker, evaluate
 from training.export import check_bundle, write_bundle
-from training.item_features import item_views
+from training.baselines import evaluate_baselines
+from training.item_features import item_views, sasrec_reference
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.diagnostics import code_neighbour_similarity
 from training.train import train_recommender
@@ -58,7 +59,7 @@ def pipeline_views(cfg: PipelineConfig, dataset, progress: bool = True) -> ItemV
     """The item views cfg's tokenizer reads, plus the collaborative one for the code diagnostics
     (computed and cached on first use)."""
     names = make_tokenizer(cfg).views | set(cfg.item_features.split("+"))
-    if cfg.code_diagnostics:
+    if cfg.collaborative_reference:
         names.add("collaborative")
     return item_views(names, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
                       dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
@@ -79,6 +80,27 @@ def code_quality_figures(codes: CatalogCodes, views: ItemViews) -> dict[str, Any
         similarity = code_neighbour_similarity(codes.semantic_ids[:, :-1], views.collaborative)
         figures.update({k: round(v, 4) for k, v in similarity.items()})
     return figures
+
+
+def reference_rows(cfg: PipelineConfig, dataset, splits) -> dict[str, dict[str, dict[str, float]]]:
+    """The non-learned floors on the same split and, with cfg.collaborative_reference, SASRec's
+    figures: {row: {"valid": metrics, "test": metrics}}."""
+    rows = evaluate_baselines(splits, dataset.n_items)
+    sasrec = sasrec_reference(dataset, cfg.collaborative_seed) if cfg.collaborative_reference else None
+    return rows | ({"SASRec": sasrec} if sasrec else {})
+
+
+def floors_table(valid: dict[str, float], test: dict[str, float], floors: dict[str, dict[str, dict[str, float]]]) -> str:
+    """The model beside the floors, R@10 and N@10; a warning in bold when it is below one on validation."""
+    lines = ["| row | valid R@10 | valid N@10 | test R@10 | test N@10 |", "|---|---|---|---|---|"]
+    for name, row in {"this model": {"valid": valid, "test": test}, **floors}.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[split][k]:.4f}" for split in ("valid", "test")
+                                                  for k in ("recall@10", "ndcg@10")) + " |")
+    below = [name for name, row in floors.items() if name != "SASRec"
+             and (valid["ndcg@10"] < row["valid"]["ndcg@10"] or valid["recall@10"] < row["valid"]["recall@10"])]
+    if below:
+        lines.append(f"\n**WARNING: this model is below the {', '.join(below)} floor on validation (R@10 or N@10).**")
+    return "\n".join(lines)
 
 
 def format_table(rows: dict[str, dict[str, float]]) -> str:
@@ -141,6 +163,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     valid = evaluate(ranker, [splits.valid_histories[u] for u in users], splits.valid_targets[users])
     test_histories = [splits.test_histories[u] for u in users]
     test = evaluate(ranker, test_histories, splits.test_targets[users])
+    floors = reference_rows(cfg, dataset, splits)
     # What the generated codes alone rank, to tell the item head's share of the figures.
     test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
                                 test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
@@ -170,7 +193,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         text_encoder=cfg.text_encoder,
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
-                 "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
+                 "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
             "seed": seed,
@@ -187,6 +210,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     if progress:
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
         print(format_table({"valid": valid, "test": test}), flush=True)
+        print(floors_table(valid, test, floors), flush=True)
     summary = {
         "dataset": dataset.name,
         "config": cfg.name,
@@ -205,6 +229,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "export_check": check.to_dict(),
         "bundle": str(bundle_dir),
     }
+    summary["floors"] = floors
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     row = results_row(summary)
     with (models_dir.parent / "runs" / "results.md").open("a") as f:

@@ -109,3 +109,21 @@ def test_a_letter_bundle_with_a_ranking_temperature_serves_what_torch_ranks(tmp_
     assert quality["collisions_before_separation"] >= 0 and len(quality["code_usage"]) == 2
     assert -1.0 <= quality["random_pair_cosine"] <= quality["first_code_pair_cosine"] + 1.0
     assert bundle.manifest.tokenizer["kind"] == "letter"
+    # the floors and SASRec on the same split sit beside the model
+    assert set(summary["floors"]) == {"most popular", "last-item transitions", "SASRec"}
+    assert bundle.manifest.metrics["floors"] == summary["floors"]
+
+
+def test_the_floors_table_warns_in_bold_when_the_model_is_below_a_floor() -> None:
+    from training.pipeline import floors_table
+
+    def row(r10: float, n10: float) -> dict:
+        return {"recall@10": r10, "ndcg@10": n10}
+
+    floors = {"most popular": {"valid": row(0.02, 0.01), "test": row(0.02, 0.01)},
+              "last-item transitions": {"valid": row(0.09, 0.05), "test": row(0.08, 0.05)},
+              "SASRec": {"valid": row(0.2, 0.1), "test": row(0.2, 0.1)}}
+    table = floors_table(row(0.10, 0.04), row(0.1, 0.04), floors)
+    assert "| this model | 0.1000 | 0.0400 |" in table
+    assert "**WARNING: this model is below the last-item transitions floor" in table  # N@10 .04 < .05
+    assert "WARNING" not in floors_table(row(0.10, 0.06), row(0.1, 0.06), floors)  # SASRec is no floor
