@@ -203,6 +203,9 @@ def _read_manifest(path: Path) -> Manifest:
         data = json.loads(manifest_path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise BundleError(f"{manifest_path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise BundleError(f"{manifest_path}: cannot be read by this process ({e.strerror}); make the bundle's files "
+                          "readable by the serving user (chmod -R a+rX on the bundle folder)") from e
     return Manifest.from_dict(data, manifest_path)
 
 
@@ -213,7 +216,11 @@ def _verify_files(path: Path, files: dict[str, str]) -> None:
             raise BundleError(f"{path}: manifest lists {name!r}, which is outside the bundle")
         if not file_path.is_file():
             raise BundleError(f"{path}: manifest lists {name!r} but the file is missing")
-        actual = sha256_file(file_path)
+        try:
+            actual = sha256_file(file_path)
+        except OSError as e:
+            raise BundleError(f"{file_path}: cannot be read by this process ({e.strerror}); make the bundle's files "
+                              "readable by the serving user (chmod -R a+rX on the bundle folder)") from e
         if actual != expected.lower():
             raise BundleError(f"{file_path}: sha256 mismatch (manifest {expected}, file {actual}); "
                               "the bundle is corrupt or was edited after export")

@@ -111,6 +111,8 @@ def write_bundle(
     save_torch_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(bundle_dir / "recommender.safetensors"))
 
     files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != "manifest.json")
+    for name in files:  # readable by a serving process of another uid (safetensors writes 0600)
+        (bundle_dir / name).chmod(0o644)
     Manifest(
         name=name,
         version=version,
@@ -125,6 +127,8 @@ def write_bundle(
         training=training,
         files=file_digests(bundle_dir, files),
     ).write(bundle_dir)
+    (bundle_dir / "manifest.json").chmod(0o644)
+    bundle_dir.chmod(0o755)
     return bundle_dir
 
 

@@ -93,3 +93,21 @@ def test_settings_read_the_genrec_environment(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("GENREC_ENGINE", "torch")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_every_bundle_file_is_readable_by_other_users(demo_bundle: Bundle) -> None:
+    """The non-root serving image reads bundles written by another uid: 0644 files, a 0755 folder."""
+    assert demo_bundle.path.stat().st_mode & 0o777 == 0o755
+    for path in demo_bundle.path.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o644, path.name
+
+
+def test_an_unreadable_file_is_refused_with_what_to_do(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import service.bundle
+
+    def denied(path: Path) -> str:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(service.bundle, "sha256_file", denied)
+    with pytest.raises(BundleError, match="cannot be read by this process.*chmod"):
+        load_bundle(bundle_copy)
