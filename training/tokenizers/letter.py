@@ -114,12 +114,7 @@ class LetterTokenizer(RQVAETokenizer):
         if not quantize:
             return super()._batch_loss(x, index, quantize, gen)
         batch = x[index]
-        last = cfg.levels - 1
-        assign = None
-        if cfg.sinkhorn_epsilon > 0:
-            def assign(level: int, d2: torch.Tensor) -> torch.Tensor:
-                return sinkhorn_codes(d2, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters) if level == last else d2.argmin(1)
-        x_hat, codes, qloss, z_q = self.model(batch, assign=assign)
+        x_hat, codes, qloss, z_q = self.model(batch, assign=self._balanced_last_level if cfg.sinkhorn_epsilon > 0 else None)
         recon = F.mse_loss(x_hat, batch)
         loss = recon + cfg.quant_weight * qloss
         terms = {"recon": recon, "quant": qloss}
@@ -138,6 +133,11 @@ class LetterTokenizer(RQVAETokenizer):
             loss = loss + cfg.diversity_weight * div
             terms["diversity"] = div
         return loss, terms
+
+    def _balanced_last_level(self, level: int, d2: torch.Tensor) -> torch.Tensor:
+        """Training-time assignment: Sinkhorn on the last level, the nearest code elsewhere."""
+        cfg = self.config
+        return sinkhorn_codes(d2, cfg.sinkhorn_epsilon, cfg.sinkhorn_iters) if level == cfg.levels - 1 else d2.argmin(1)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         state = super().state_dict()
