@@ -115,6 +115,10 @@ def rerank_with_item_head(
 
 
 class ConstrainedBeamSearch(nn.Module):
+    """The search over any model kind with the decoder interface (training/model_kinds.py): cfg,
+    encode, cross_keys_values, step_input, decode_newest, level_log_probs (item_log_probs with an
+    item head); the one-step decode is the model's own."""
+
     def __init__(self, model: GenerativeRecommender, beam_size: int, use_item_head: bool = True) -> None:
         """use_item_head=False ranks by the codes alone even when the model has an item head."""
         super().__init__()
