@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from training.joint import JointConfig
 from training.model import Seq2SeqConfig
 from training.train import TrainConfig
 
@@ -34,6 +35,8 @@ class PipelineConfig:
     collaborative_reference: bool = True
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    joint: JointConfig | None = None  # train the tokenizer beside the recommender (training/joint.py)
+    evaluate_unconstrained: bool = False  # also rank test users by a search without the trie (invalid IDs miss)
     beam_size: int = 20
     check_users: int = 64  # users whose served top-10 is compared with torch at export
     final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
@@ -89,6 +92,18 @@ CONFIGS: dict[str, PipelineConfig] = dict([
            model=Seq2SeqConfig(code_loss_temperature=_LETTER_TAU), train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
     _named("beauty-letter", "beauty", tokenizer="letter", tokenizer_params=_LETTER_TOKENIZER,
            model=Seq2SeqConfig(code_loss_temperature=_LETTER_TAU), train=TrainConfig(max_train_seconds=5400)),
+    # ETEGRec (training/joint.py): an RQ-VAE pre-trained on SASRec's item table, then trained with the
+    # recommender, alternating, with the SIA and PSA alignment losses; codes refreshed after each
+    # tokenizer epoch within a fixed collision capacity. `--set joint.schedule=frozen` is the control.
+    _named("scientific-etegrec", "scientific", tokenizer="rqvae", item_features="collaborative", collision_capacity=16,
+           joint=JointConfig(), evaluate_unconstrained=True, train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    _named("beauty-etegrec", "beauty", tokenizer="rqvae", item_features="collaborative", collision_capacity=16,
+           joint=JointConfig(), evaluate_unconstrained=True, train=TrainConfig(max_train_seconds=5400)),
+    # Genrec's variant: joint training started from the residual k-means codes of SASRec's table (an
+    # identity-initialised linear RQ-VAE), so it starts where the frozen collaborative pipeline ends.
+    _named("scientific-etegrec-from-rqkmeans", "scientific", tokenizer="rqkmeans", item_features="collaborative",
+           collision_capacity=16, joint=JointConfig(), evaluate_unconstrained=True,
+           train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
     # The best measured: collaborative codes, the code embeddings and heads started from the SASRec
     # table they were fitted on (train.init_codes_from_features), an embedding per history item
     # started from what the codes leave unexplained, and the item head: the encoder's newest state
@@ -124,7 +139,8 @@ def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
 def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConfig:
     """`train.lr=1e-3`, `model.d_model=256`, `tokenizer_params.balanced=true`: values parse as JSON, else text."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train),
-                              tokenizer_params=dict(cfg.tokenizer_params))
+                              tokenizer_params=dict(cfg.tokenizer_params),
+                              joint=dataclasses.replace(cfg.joint) if cfg.joint is not None else None)
     for assignment in assignments:
         path, sep, raw = assignment.partition("=")
         if not sep:

@@ -13,6 +13,7 @@ import torch
 from service.trie import build_trie
 from training.batching import history_tensors, pad_histories
 from training.beam import ConstrainedBeamSearch, trie_tensors
+from training.model import NEG
 from training.metrics import topk_metrics
 
 Ranker = Callable[[list[np.ndarray]], np.ndarray]  # histories -> (U, >= 10) item indices, best first
@@ -51,7 +52,45 @@ def recommend_topk(
     return items, scores
 
 
-def beam_ranker(model, semantic_ids: np.ndarray, beam_size: int, device: str = "cpu", use_item_head: bool = True) -> Ranker:
-    """The generative recommender's ranker: its constrained beam search over `semantic_ids`."""
+@torch.no_grad()
+def unconstrained_topk(model, histories: list[np.ndarray], semantic_ids: np.ndarray, beam_size: int,
+                       batch_size: int = 256, device: str = "cpu") -> np.ndarray:
+    """Beam search over every code tuple, no trie, as ETEGRec's released code evaluates: a generated
+    tuple that is no item's semantic ID is a miss (-1). Ranks by the codes alone. -> (U, beam)."""
+    was_training = model.training
+    model.eval()
+    item_of = {tuple(row): item for item, row in enumerate(np.asarray(semantic_ids).tolist())}
+    sizes = model.cfg.codebook_sizes
+    out = np.full((len(histories), beam_size), -1, dtype=np.int64)
+    for start in range(0, len(histories), batch_size):
+        padded = pad_histories(histories[start : start + batch_size], semantic_ids, model.cfg.max_history)
+        inputs = history_tensors(model.cfg, *padded, device=device)
+        memory = model.encode(*inputs)  # (B, H, D)
+        b = memory.shape[0]
+        bias = torch.zeros(inputs[1].shape, device=memory.device).masked_fill(~inputs[1], NEG)[:, None, None, :]
+        kv = model.cross_keys_values(memory)
+        prefix = torch.zeros(b, 1, 0, dtype=torch.long, device=memory.device)  # (B, k, level)
+        scores = torch.zeros(b, 1, device=memory.device)
+        for level, size in enumerate(sizes):
+            k = prefix.shape[1]
+            rows = torch.arange(b, device=memory.device).repeat_interleave(k)
+            hidden = model.decode(prefix.reshape(b * k, level), memory[rows, -1],
+                                  [(key[rows], value[rows]) for key, value in kv], bias[rows], groups=1)
+            log_probs = model.level_log_probs(hidden[:, -1], level)[:, :size].float().reshape(b, k, size)
+            scores, chosen = (scores[..., None] + log_probs).reshape(b, k * size).topk(min(beam_size, k * size), dim=1)
+            parent = torch.div(chosen, size, rounding_mode="floor")
+            prefix = torch.cat([prefix.gather(1, parent[..., None].expand(-1, -1, level)), (chosen % size)[..., None]], -1)
+        for row, tuples in enumerate(prefix.cpu().numpy().tolist()):
+            out[start + row, : len(tuples)] = [item_of.get(tuple(codes), -1) for codes in tuples]
+    model.train(was_training)
+    return out
+
+
+def beam_ranker(model, semantic_ids: np.ndarray, beam_size: int, device: str = "cpu", use_item_head: bool = True,
+                constrained: bool = True) -> Ranker:
+    """The generative recommender's ranker: its constrained beam search over `semantic_ids`
+    (constrained=False: the unconstrained search, codes alone)."""
+    if not constrained:
+        return lambda histories: unconstrained_topk(model, histories, semantic_ids, beam_size, device=device)
     return lambda histories: recommend_topk(model, histories, semantic_ids, beam_size, device=device,
                                             use_item_head=use_item_head)[0]

@@ -161,7 +161,8 @@ class TrainingTask(Protocol):
 
     def validate(self) -> dict[str, float]: ...  # rank 0 only
 
-    def after_epoch(self, epoch: int, phase: Phase) -> None: ...  # every rank
+    def after_epoch(self, epoch: int, phase: Phase) -> dict[str, Any] | None:
+        """Every rank; figures to add to the epoch's curve point (e.g. how many codes changed)."""
 
     def snapshot(self) -> dict[str, Any]: ...  # what the best checkpoint holds (copied)
 
@@ -255,6 +256,10 @@ def run_loop(
     for epoch in range(1, cfg.epochs + 1):
         phase = phase_at(phases, epoch)
         objective.active = phase.losses
+        if world == 1:  # no backward through groups this phase does not step (DDP needs fixed requires_grad)
+            for name, group in groups.items():
+                for p in group.params:
+                    p.requires_grad_(name in phase.train)
         stepped = [optimizers[name] for name in phase.train]
         clipped = [p for name in phase.train for p in groups[name].params]
         objective.train()
@@ -284,10 +289,10 @@ def run_loop(
                 term_sums[name] += objective.last_terms[name] * n_targets
             bar.set_postfix(loss=f"{loss.item():.3f}")
         step_seconds += time.perf_counter() - t0
-        task.after_epoch(epoch, phase)
+        after = task.after_epoch(epoch, phase) or {}
         elapsed = time.perf_counter() - started
         point = {"epoch": epoch, "phase": phase.name, "step": step, "train_loss": epoch_loss / max(1, epoch_targets),
-                 **{f"{name}_loss": total / max(1, epoch_targets) for name, total in term_sums.items()},
+                 **{f"{name}_loss": total / max(1, epoch_targets) for name, total in term_sums.items()}, **after,
                  "epoch_s": round(time.perf_counter() - t0, 2), "elapsed_s": round(elapsed, 1)}
         out_of_time = cfg.max_train_seconds is not None and elapsed > cfg.max_train_seconds
         if rank == 0 and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs or out_of_time):
@@ -306,6 +311,9 @@ def run_loop(
         if stop_together(stop, world, device):
             break
     train_seconds = time.perf_counter() - started
+    for group in groups.values():
+        for p in group.params:
+            p.requires_grad_(True)
     best.restore(task.restore, world)
     objective.eval()
     return LoopResult(best_valid=best.metrics, best_epoch=best.epoch, epochs_run=epoch, train_seconds=train_seconds,

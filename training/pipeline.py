@@ -18,10 +18,12 @@ from training.cache import cache_path
 from training.configs import PipelineConfig, get_config
 from training.data import item_popularity, leave_one_out, load_dataset, make_synthetic_dataset, write_dataset
 from training.embeddings import embed_items, get_text_encoder
-from training.evaluation import beam_ranker, evaluate
+from training.evaluation import beam_ranker, evaluate, unconstrained_topk
 from training.export import check_bundle, write_bundle
 from training.baselines import evaluate_baselines
 from training.item_features import item_views, sasrec_reference
+from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
+from training.metrics import topk_metrics
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.diagnostics import code_neighbour_similarity
 from training.train import train_recommender
@@ -139,6 +141,15 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     model_cfg = replace(cfg.model, codebook_sizes=list(codes.codebook_sizes), item_count=len(raw_codes))
     train_cfg = replace(cfg.train, seed=seed, beam_size=cfg.beam_size)
+    # Joint training (training/joint.py): the tokenizer keeps learning; the bundle keeps its trained form.
+    joint = JointConfig.from_value(cfg.joint)
+    joint_kwargs: dict[str, Any] = {}
+    if joint is not None and joint.trains_tokenizer:
+        tokenizer = trainable_tokenizer(tokenizer)
+        trainable = tokenizer.trainable(views)
+        joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
+                        "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1])}
+    initial_raw_codes = codes.semantic_ids[:, :-1].copy()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
     run_dir = models_dir.parent / "runs" / cfg.name / version
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,11 +158,12 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     result = train_recommender(
         model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
         codes, curve_path=run_dir / "training_curve.jsonl", progress=progress,
-        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind,
+        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind, **joint_kwargs,
     )
     semantic_ids, sid_report = result.codes.semantic_ids, result.codes.report
     if result.codes.refreshes:  # the codes the bundle keeps are the trained ones
         code_quality = code_quality_figures(result.codes, views)
+        code_quality["items_recoded_by_joint_training"] = float((semantic_ids[:, :-1] != initial_raw_codes).any(1).mean())
     lap("train", t0)
 
     t0 = time.perf_counter()
@@ -167,10 +179,14 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     # What the generated codes alone rank, to tell the item head's share of the figures.
     test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
                                 test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
+    test_unconstrained = None
+    if cfg.evaluate_unconstrained:  # as ETEGRec's released code evaluates: generated non-items are misses
+        free = unconstrained_topk(result.model, test_histories, semantic_ids, cfg.beam_size, device=device)
+        test_unconstrained = topk_metrics(free, splits.test_targets[users]) | {"invalid@10": float((free[:, :10] < 0).mean())}
     lap("evaluate", t0)
 
     tokenizer_info = {
-        "kind": cfg.tokenizer,
+        "kind": tokenizer.kind,
         "item_features": cfg.item_features,
         "params": tokenizer.params,
         "levels": int(semantic_ids.shape[1]),
@@ -193,6 +209,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         text_encoder=cfg.text_encoder,
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+                 **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
                  "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
@@ -221,6 +238,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "valid": valid,
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+        **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

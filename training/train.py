@@ -24,7 +24,7 @@ from training.loop import (
     SINGLE_PHASE, ExtraLoss, LoopConfig, Objective, ParamGroup, Phase, broadcast_from_rank0, distributed_context, run_loop,
 )
 from training.model_kinds import build_model
-from training.tokenizers.base import CatalogCodes, TrainableTokenizer
+from training.tokenizers.base import CatalogCodes, CollisionOverflow, TrainableTokenizer
 from training.warm_start import code_tables_from_features, warm_start_codes, warm_start_items
 
 
@@ -92,10 +92,19 @@ class RecommenderTask:
         ranker = beam_ranker(self.model, self.codes.semantic_ids, self.cfg.beam_size, device=self.cfg.device)
         return evaluate(ranker, self.eval_histories, self.eval_targets)
 
-    def after_epoch(self, epoch: int, phase: Phase) -> None:
-        if self.tokenizer is not None and "tokenizer" in phase.train:
-            raw = self.tokenizer.encode_catalog() if self._rank == 0 else None
-            self.set_codes(broadcast_from_rank0(raw, self._world), refresh=True)
+    def after_epoch(self, epoch: int, phase: Phase) -> dict[str, Any] | None:
+        if self.tokenizer is None or "tokenizer" not in phase.train:
+            return None
+        raw = self.tokenizer.encode_catalog() if self._rank == 0 else None
+        raw = broadcast_from_rank0(raw, self._world)
+        before = self.codes.semantic_ids[:, :-1]
+        try:
+            self.set_codes(raw, refresh=True)
+        except CollisionOverflow as overflow:  # keep the codes the model knows; say so in the curve
+            print(f"[genrec] codes not refreshed after epoch {epoch}: {overflow}", flush=True)
+            return {"codes_refreshed": False}
+        return {"codes_refreshed": True, "items_recoded": float((raw != before).any(1).mean()),
+                "collisions": self.codes.report.collisions_before_separation}
 
     def set_codes(self, codes: np.ndarray, refresh: bool) -> None:
         """New raw codes (refresh=True) or whole semantic IDs: training codes and item head follow."""

@@ -142,7 +142,7 @@ def test_rqvae_trainable_form_shares_the_tokenizer_weights(emb: np.ndarray) -> N
     np.testing.assert_array_equal(trainable.encode_catalog(), tok.encode(views))
     items = torch.arange(8)
     latents = trainable.module.latents(items)
-    dists = trainable.module.code_distributions(latents, temperature=1.0)
+    dists = trainable.module.code_log_probs(latents, temperature=1.0)
     assert len(dists) == 3 and all(d.shape == (8, 16) for d in dists)
     nearest = torch.stack([d.argmax(1) for d in dists], 1).numpy()
     np.testing.assert_array_equal(nearest, tok.encode(views)[:8])  # the most likely codes are the item's codes

@@ -82,9 +82,9 @@ class TrainableTokenizer(Protocol):
     """The optional trainable form of a tokenizer, for training it beside the recommender
     (training/train.py): a torch module over the fitted catalog's items."""
     module: nn.Module  # its parameters train in the "tokenizer" group; it provides:
-    # latents(items (M,) item indices) -> (M, d); code_distributions(latents, temperature) -> per
-    # level (M, K) softmax(-squared distance / temperature) to that level's codes (along the
-    # residual path of the item's own codes); reconstruct(latents) -> (M, D_in) through the
+    # latents(items (M,) item indices) -> (M, d); code_log_probs(latents, temperature) -> per
+    # level (M, K) log softmax(-squared distance / temperature) to that level's codes (along the
+    # residual path of the latent's own codes); reconstruct(latents) -> (M, D_in) through the
     # quantizer; loss(items) -> the tokenizer's own loss on those items.
 
     def encode_catalog(self) -> np.ndarray:  # (N, levels) int64 raw codes of every item, current weights
@@ -133,6 +133,10 @@ class SemanticIdReport:
         return dict(self.__dict__)
 
 
+class CollisionOverflow(ValueError):
+    """More items share one code tuple than the collision level's fixed capacity."""
+
+
 def assign_semantic_ids(
     raw_codes: np.ndarray, codebook_sizes: list[int] | None = None, collision_capacity: int | None = None
 ) -> tuple[np.ndarray, SemanticIdReport]:
@@ -163,7 +167,7 @@ def assign_semantic_ids(
     codes = np.concatenate([raw, rank[:, None]], axis=1)
     max_group = int(counts.max())
     if collision_capacity is not None and max_group > collision_capacity:
-        raise ValueError(f"{max_group} items share one code tuple, more than the collision level's capacity "
+        raise CollisionOverflow(f"{max_group} items share one code tuple, more than the collision level's capacity "
                          f"{collision_capacity}: raise collision_capacity")
     extra_level_size = max(max_group, 1) if collision_capacity is None else collision_capacity
     used = [len(np.unique(raw[:, j])) for j in range(levels)]

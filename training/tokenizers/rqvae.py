@@ -314,6 +314,23 @@ class RQVAETokenizer(MatrixTokenizer):
         z_q, _, _, _ = self.model.quantize(self._latents(self._prep(embeddings)))
         return self.model.decoder(z_q).numpy() * self.norm.scale + self.norm.mean
 
+    @classmethod
+    def from_residual_kmeans(cls, codebooks: np.ndarray) -> RQVAETokenizer:
+        """An RQ-VAE that starts as the residual k-means tokenizer with these codebooks (L, K, D):
+        one linear encoder and decoder layer, both the identity, no standardisation, so its codes
+        are the k-means codes until it trains (joint training then starts where they end)."""
+        levels, size, dim = codebooks.shape
+        tokenizer = cls(RQVAEConfig(hidden=(), latent_dim=dim, levels=levels, codebook_size=size, standardize=False))
+        tokenizer.norm = _Norm(np.zeros(dim, np.float32), np.ones(1, np.float32))
+        tokenizer.model = model = RQVAE(dim, tokenizer.config)
+        with torch.no_grad():
+            for layer in (model.encoder[0], model.decoder[0]):
+                layer.weight.copy_(torch.eye(dim))
+                layer.bias.zero_()
+            model.codebooks.copy_(torch.from_numpy(np.asarray(codebooks, np.float32)))
+        model.eval()
+        return tokenizer
+
     def trainable(self, views: ItemViews) -> TrainableRQVAE:
         """The trainable form over this catalog (training/train.py trains it beside the recommender);
         it shares this tokenizer's weights, so state_dict() and encode() see what it learned."""
@@ -348,13 +365,16 @@ class CatalogRQVAE(nn.Module):
     def latents(self, items: torch.Tensor) -> torch.Tensor:
         return self.model.encoder(self.inputs[items])
 
-    def code_distributions(self, latents: torch.Tensor, temperature: float) -> list[torch.Tensor]:
-        """Per level (M, K): softmax(-squared distance / temperature) of the level's residual (along
-        the nearest codes' path) to every code of the level."""
+    def code_log_probs(self, latents: torch.Tensor, temperature: float, official_sign: bool = False) -> list[torch.Tensor]:
+        """Per level (M, K): log softmax(-squared distance / temperature) of the level's residual
+        (along the nearest codes' path) to every code of the level: the nearest code is the most
+        likely. official_sign=True takes softmax(+distance / temperature) as ETEGRec's released code
+        does, which puts the most mass on the farthest code (kept to measure that defect)."""
+        sign = 1.0 if official_sign else -1.0
         residual, out = latents, []
         for book in self.model.codebooks:
             d2 = sq_distances(residual, book)
-            out.append((-d2 / temperature).softmax(-1))
+            out.append((sign * d2 / temperature).log_softmax(-1))
             residual = residual - book[d2.argmin(1)]
         return out
 
