@@ -11,20 +11,23 @@ MODELS_DIR = REPO_ROOT / "models"
 
 
 def _config_name(args: argparse.Namespace) -> str:
-    """--config, else the best configuration for --dataset."""
-    from training.configs import BEST_CONFIG
+    """--config, else the best configuration for a bundled --dataset, else one derived from the data."""
+    from training.configs import BEST_CONFIG, DERIVED
 
-    name = args.config or BEST_CONFIG.get(args.dataset or "", "")
-    if not name:
-        raise SystemExit(f"no --config given and no best configuration known for dataset {args.dataset!r}")
-    return name
+    if args.config:
+        return args.config
+    if not args.dataset:
+        raise SystemExit("give --config or --dataset (beauty, scientific or a dataset folder)")
+    return BEST_CONFIG.get(args.dataset, DERIVED)
 
 
 def _config(args: argparse.Namespace):
-    """The named configuration (--config, else the dataset's best) with --dataset and --set applied."""
-    from training.configs import apply_overrides, get_config
+    """The configuration _config_name names, on --dataset, with --set applied."""
+    from training.configs import DERIVED, apply_overrides, get_config
 
-    return apply_overrides(get_config(_config_name(args), None if args.config is None else args.dataset), args.set or [])
+    name = _config_name(args)
+    dataset = args.dataset if args.config is not None or name == DERIVED else None
+    return apply_overrides(get_config(name, dataset), args.set or [])
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -46,7 +49,7 @@ def _seeds(args: argparse.Namespace) -> int:
         from training.pipeline import prepare_shared_inputs
 
         prepare_shared_inputs(_config(args))  # once, before the seeds start side by side
-        extra = (["--dataset", args.dataset] if args.config and args.dataset else []) + (["--set", *args.set] if args.set else [])
+        extra = (["--dataset", args.dataset] if args.dataset and (args.config or name == "derived") else []) + (["--set", *args.set] if args.set else [])
         run_seeds(name, args.seeds, log_dir, extra, parallel=not args.one_at_a_time)
     summary = summarize([read_summary(log_path(log_dir, name, seed)) for seed in args.seeds])
     row = markdown_row(summary)
@@ -54,6 +57,21 @@ def _seeds(args: argparse.Namespace) -> int:
         f.write(row + "\n")
     print(row)
     print(json.dumps(summary))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """A few variants of the derived configuration in a time budget, chosen on validation."""
+    from training.auto_config import DataShape, describe, tune, tune_table
+    from training.configs import apply_overrides, get_config
+    from training.data import load_dataset
+
+    base = apply_overrides(get_config("derived", args.dataset), args.set or [])
+    print(f"[genrec] {describe(DataShape.of(load_dataset(args.dataset)), base)}", flush=True)
+    result = tune(base, args.budget_min, seed=args.seed, models_dir=Path(args.models_dir))
+    print(tune_table(result))
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"} | {
+        "rows": {name: {k: row[k] for k in ("valid", "test", "epochs_run", "bundle")} for name, row in result["rows"].items()}}))
     return 0
 
 
@@ -125,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pipeline", help="embeddings -> tokenizer -> recommender -> evaluation -> bundle")
-    p.add_argument("--config", default=None, help="named configuration (training/configs.py); default: the best for --dataset")
+    p.add_argument("--config", default=None, help="named configuration (training/configs.py); default: the best for a "
+                   "bundled --dataset, else `derived` (sized from the data's statistics)")
     p.add_argument("--dataset", default=None, help="override the config's dataset: beauty, scientific or a folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--models-dir", default=str(MODELS_DIR))
@@ -141,6 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--summarize-only", action="store_true", help="summarize the logs in runs/logs/ without training")
     p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE", help="config overrides passed to every seed")
     p.set_defaults(func=_seeds)
+
+    p = sub.add_parser("tune", help="variants of the configuration derived from a dataset, within a time budget, "
+                                    "chosen on validation NDCG@10")
+    p.add_argument("--dataset", required=True, help="a dataset folder (or beauty, scientific)")
+    p.add_argument("--budget-min", type=float, required=True, help="minutes for all candidates together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE", help="overrides applied to every candidate")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("demo-bundle", help="build the small Beauty bundle `make run` serves, if models/ has none")
     p.add_argument("--models-dir", default=str(MODELS_DIR))

@@ -33,6 +33,8 @@ class PipelineConfig:
     # SASRec on the same split (trained when not cached): its figures beside the model's, and its
     # item table for the code quality figure (how alike items sharing a first code are).
     collaborative_reference: bool = True
+    # SASRec settings beside the bundled datasets' recipes (training/item_features.py sasrec_configs).
+    sasrec: dict[str, Any] = field(default_factory=dict)
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     joint: JointConfig | None = None  # train the tokenizer beside the recommender (training/joint.py)
@@ -124,10 +126,20 @@ CONFIGS: dict[str, PipelineConfig] = dict([
 BEST_CONFIG = {"beauty": "beauty-cf-item-head", "scientific": "scientific-cf-item-head"}
 
 
+DERIVED = "derived"  # not a fixed configuration: derived from the dataset's statistics (training/auto_config.py)
+
+
 def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
-    """A named configuration, on another dataset when `dataset` is given."""
+    """A named configuration, on another dataset when `dataset` is given; "derived" sizes one to `dataset`."""
+    if name == DERIVED:
+        if not dataset:
+            raise ValueError("the derived configuration needs a dataset (--dataset beauty, scientific or a folder)")
+        from training.auto_config import DataShape, derived_config
+        from training.data import load_dataset
+
+        return derived_config(dataset, DataShape.of(load_dataset(dataset)))
     if name not in CONFIGS:
-        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+        raise KeyError(f"unknown config {name!r}; known: {sorted(CONFIGS) + [DERIVED]}")
     cfg = CONFIGS[name]
     if dataset is not None:
         cfg = dataclasses.replace(cfg, dataset=dataset)
@@ -139,7 +151,7 @@ def get_config(name: str, dataset: str | None = None) -> PipelineConfig:
 def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConfig:
     """`train.lr=1e-3`, `model.d_model=256`, `tokenizer_params.balanced=true`: values parse as JSON, else text."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train),
-                              tokenizer_params=dict(cfg.tokenizer_params),
+                              tokenizer_params=dict(cfg.tokenizer_params), sasrec=dict(cfg.sasrec),
                               joint=dataclasses.replace(cfg.joint) if cfg.joint is not None else None)
     for assignment in assignments:
         path, sep, raw = assignment.partition("=")

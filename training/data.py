@@ -328,9 +328,11 @@ _TOPICS = [
 _ADJECTIVES = ["red", "matte", "organic", "travel size", "deluxe", "classic", "mini", "pro", "gentle", "bright"]
 
 
-def make_synthetic_dataset(n_users: int, n_items: int, seed: int = 0, n_clusters: int | None = None) -> Dataset:
+def make_synthetic_dataset(n_users: int, n_items: int, seed: int = 0, n_clusters: int | None = None,
+                           max_length: int = 10) -> Dataset:
     """Items in topic clusters; users walk through one cluster in item order, so the next item is
-    mostly predictable (the successor in the cluster) and a model has something to learn."""
+    mostly predictable (the successor in the cluster) and a model has something to learn.
+    History lengths are uniform in [3, min(max_length, cluster size)]: few clusters for long ones."""
     if n_items < MIN_SEQUENCE_LENGTH:
         raise ValueError("need at least 3 items")
     rng = np.random.default_rng(seed)
@@ -347,7 +349,7 @@ def make_synthetic_dataset(n_users: int, n_items: int, seed: int = 0, n_clusters
     for _ in range(n_users):
         c = int(rng.integers(k))
         m = members[c] if len(members[c]) >= MIN_SEQUENCE_LENGTH else np.arange(n_items)
-        length = int(rng.integers(MIN_SEQUENCE_LENGTH, max(MIN_SEQUENCE_LENGTH, min(10, len(m))) + 1))
+        length = int(rng.integers(MIN_SEQUENCE_LENGTH, max(MIN_SEQUENCE_LENGTH, min(max_length, len(m))) + 1))
         pos = int(rng.integers(len(m)))
         seq = []
         for _ in range(length):

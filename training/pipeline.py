@@ -64,7 +64,7 @@ def pipeline_views(cfg: PipelineConfig, dataset, progress: bool = True) -> ItemV
     if cfg.collaborative_reference:
         names.add("collaborative")
     return item_views(names, lambda: embed_items(dataset.texts, get_text_encoder(cfg.text_encoder)),
-                      dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress)
+                      dataset, cfg.collaborative_seed, cfg.collaborative_weight, progress, cfg.sasrec)
 
 
 def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
@@ -88,7 +88,7 @@ def reference_rows(cfg: PipelineConfig, dataset, splits) -> dict[str, dict[str, 
     """The non-learned floors on the same split and, with cfg.collaborative_reference, SASRec's
     figures: {row: {"valid": metrics, "test": metrics}}."""
     rows = evaluate_baselines(splits, dataset.n_items)
-    sasrec = sasrec_reference(dataset, cfg.collaborative_seed) if cfg.collaborative_reference else None
+    sasrec = sasrec_reference(dataset, cfg.collaborative_seed, cfg.sasrec) if cfg.collaborative_reference else None
     return rows | ({"SASRec": sasrec} if sasrec else {})
 
 

@@ -16,6 +16,7 @@ def project_features(features: np.ndarray, d_model: int, seed: int, item_rms: fl
     if x.shape[1] >= d_model:
         _, _, vt = np.linalg.svd(x, full_matrices=False)
         z = x @ vt[:d_model].T
+        z = np.pad(z, ((0, 0), (0, d_model - z.shape[1])))  # fewer items than d_model: fewer directions
     else:
         basis, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d_model, x.shape[1])))
         z = x @ basis.T
