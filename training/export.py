@@ -111,8 +111,8 @@ def write_bundle(
     save_torch_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(bundle_dir / "recommender.safetensors"))
 
     files = sorted(p.name for p in bundle_dir.iterdir() if p.is_file() and p.name != "manifest.json")
-    for name in files:  # readable by a serving process of another uid (safetensors writes 0600)
-        (bundle_dir / name).chmod(0o644)
+    for file_name in files:  # readable by a serving process of another uid (safetensors writes 0600)
+        (bundle_dir / file_name).chmod(0o644)
     Manifest(
         name=name,
         version=version,

@@ -171,6 +171,7 @@ def test_a_jointly_trained_bundle_keeps_the_trained_codes_and_tokenizer(tmp_path
     assert curve[1]["codes_refreshed"] and "sia_loss" in curve[1] and "psa_loss" in curve[2]
 
     bundle = load_bundle(Path(summary["bundle"]))
+    assert bundle.manifest.name == cfg.name and bundle.manifest.tokenizer["kind"] == "rqvae"
     tokenizer = load_bundle_tokenizer(Path(summary["bundle"]))
     collaborative = collaborative_embeddings(load_dataset(str(data_dir)), cfg.collaborative_seed, progress=False)
     np.testing.assert_array_equal(tokenizer.encode(ItemViews(collaborative=collaborative)), bundle.semantic_ids[:, :-1])
