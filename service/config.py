@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     # Redis URL for user histories (redis://host:6379/0); unset -> in-process store.
     redis_url: str | None = None
+    # redis_url names one node of a Redis Cluster (any node: the client discovers the rest and follows
+    # slot moves); a user's keys carry the user id as hash tag, so they live on one slot.
+    redis_cluster: bool = False
     # Per-operation Redis timeout; a slow store must not eat the latency budget.
     redis_timeout_ms: float = Field(50.0, gt=0)
     # A user's stored history expires this long after their last event.
