@@ -18,15 +18,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# redis-server backs the history-store tests; promtool checks the Prometheus config.
+# redis-server backs the history-store tests (and the local Redis Cluster); promtool checks the Prometheus
+# config and the dashboard's queries; haproxy fronts the scale-out processes; chromium + chromedriver
+# drive the demo page's browser test.
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+	@command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy)
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
 # Serves on 127.0.0.1:8000 with the in-process history store; builds the Beauty demo bundle first if models/ has none.
+# The demo page (http://127.0.0.1:8000/) offers Beauty's users: set GENREC_DEMO_USERS_FILE for another dataset.
 run: $(STAMP)
 	$(BIN)/genrec demo-bundle
-	GENREC_HOST=$${GENREC_HOST:-127.0.0.1} $(BIN)/python -m service
+	GENREC_HOST=$${GENREC_HOST:-127.0.0.1} GENREC_DEMO_USERS_FILE=$${GENREC_DEMO_USERS_FILE:-data/beauty/sequential_data.txt} \
+	  $(BIN)/python -m service
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q

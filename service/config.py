@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     engine: Literal["graph", "reference"] = "graph"
     # Seconds the batcher may take to finish queued work on shutdown.
     drain_timeout_s: float = Field(10.0, ge=0)
+    # The demo page at GET / and its read-only helpers under /demo (service/routes/demo.py).
+    demo_page: bool = True
+    # A dataset's sequences file (`user_id item_id item_id ...` per line, e.g. data/beauty/sequential_data.txt):
+    # the demo page offers its users, each with a held-out last item. Unset: items typed in only.
+    demo_users_file: Path | None = None
 
     def resolved_bundle_dir(self) -> Path:
         """bundle_dir if set, else the newest bundle under models_root."""
