@@ -89,3 +89,10 @@ bench-item-head-weight: $(STAMP)
 bench-decode-temperature: $(STAMP)
 	@test -n "$(BUNDLE)" || { echo "usage: make bench-decode-temperature BUNDLE=models/<name>/<version>"; exit 2; }
 	$(BIN)/python benchmarks/decode_temperature.py --bundle $(BUNDLE)
+
+# Scale-out on one host: 1 and 2 service processes behind haproxy (deploy/scaleout.py) sharing one Redis,
+# side by side: req/s and p99 (closed loop, SECONDS each, then open loop at the same rate), the scaling
+# efficiency. About 3 x (SECONDS + 10) s plus start-ups. Ends with one JSON line. BUNDLE=dir picks the bundle.
+.PHONY: bench-scaleout
+bench-scaleout: $(STAMP) system-deps
+	$(BIN)/python benchmarks/bench_scaleout.py --seconds $(or $(SECONDS),20) $(if $(BUNDLE),--bundle $(BUNDLE),)
