@@ -56,6 +56,12 @@ train-scientific: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/genrec eval --bundle $(BUNDLE)
 
+# The training curve and the tokenizer's code usage of BUNDLE as PNGs inside it (docs/plot_bundle.py).
+.PHONY: plots
+plots: $(STAMP)
+	@test -n "$(BUNDLE)" || { echo "usage: make plots BUNDLE=models/<name>/<version>"; exit 2; }
+	$(BIN)/python docs/plot_bundle.py $(BUNDLE)
+
 clean:
 	rm -rf $(VENV) .cache runs
 
