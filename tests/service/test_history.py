@@ -139,8 +139,8 @@ def test_cluster_keys_a_user_by_hash_tag_and_spreads_users_over_every_node(redis
 def test_cluster_history_survives_a_node_restart(redis_cluster: LocalRedisCluster) -> None:
     """Kill the node that owns a user's slot by PID, start it again from its folder (nodes.conf and
     append-only file): while it is down its users' reads fail as store errors (the route answers
-    degraded) and other nodes' users are still served; once it is back the same store reads the
-    history again."""
+    degraded), other nodes' users are still served, and a read mixing both fails whole; once it is
+    back the same store reads the history again."""
     async def main() -> None:
         raw = redis.RedisCluster.from_url(redis_cluster.url)
         store = RedisHistoryStore.from_url(redis_cluster.url, cluster=True, max_items=5, ttl_s=600, timeout_ms=300)
@@ -158,6 +158,8 @@ def test_cluster_history_survives_a_node_restart(redis_cluster: LocalRedisCluste
             with pytest.raises(HistoryStoreError):
                 await store.get_many([victim])
             assert await store.get_many([survivor]) == {survivor: ["x"]}
+            with pytest.raises(HistoryStoreError):  # one pipeline over both nodes fails whole
+                await store.get_many([survivor, victim])
 
             redis_cluster.start_node(node)
             redis_cluster.wait_healthy()
