@@ -18,15 +18,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# redis-server backs the history-store tests; promtool checks the Prometheus config.
+# redis-server backs the history-store tests (and the local Redis Cluster); promtool checks the Prometheus
+# config and the dashboard's queries; haproxy fronts the scale-out processes; chromium + chromedriver
+# drive the demo page's browser test.
 system-deps:
 	@command -v redis-server >/dev/null || (apt-get update -qq && apt-get install -y -qq redis-server)
 	@command -v promtool >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus)
+	@command -v haproxy >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy)
+	@command -v chromedriver >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver)
 
 # Serves on 127.0.0.1:8000 with the in-process history store; builds the Beauty demo bundle first if models/ has none.
+# The demo page (http://127.0.0.1:8000/) offers Beauty's users: set GENREC_DEMO_USERS_FILE for another dataset.
 run: $(STAMP)
 	$(BIN)/genrec demo-bundle
-	GENREC_HOST=$${GENREC_HOST:-127.0.0.1} $(BIN)/python -m service
+	GENREC_HOST=$${GENREC_HOST:-127.0.0.1} GENREC_DEMO_USERS_FILE=$${GENREC_DEMO_USERS_FILE:-data/beauty/sequential_data.txt} \
+	  $(BIN)/python -m service
 
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
@@ -49,6 +55,12 @@ train-scientific: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/genrec eval --bundle $(BUNDLE)
+
+# The training curve and the tokenizer's code usage of BUNDLE as PNGs inside it (docs/plot_bundle.py).
+.PHONY: plots
+plots: $(STAMP)
+	@test -n "$(BUNDLE)" || { echo "usage: make plots BUNDLE=models/<name>/<version>"; exit 2; }
+	$(BIN)/python docs/plot_bundle.py $(BUNDLE)
 
 clean:
 	rm -rf $(VENV) .cache runs
@@ -83,3 +95,10 @@ bench-item-head-weight: $(STAMP)
 bench-decode-temperature: $(STAMP)
 	@test -n "$(BUNDLE)" || { echo "usage: make bench-decode-temperature BUNDLE=models/<name>/<version>"; exit 2; }
 	$(BIN)/python benchmarks/decode_temperature.py --bundle $(BUNDLE)
+
+# Scale-out on one host: 1 and 2 service processes behind haproxy (deploy/scaleout.py) sharing one Redis,
+# side by side: req/s and p99 (closed loop, SECONDS each, then open loop at the same rate), the scaling
+# efficiency. About 3 x (SECONDS + 10) s plus start-ups. Ends with one JSON line. BUNDLE=dir picks the bundle.
+.PHONY: bench-scaleout
+bench-scaleout: $(STAMP) system-deps
+	$(BIN)/python benchmarks/bench_scaleout.py --seconds $(or $(SECONDS),20) $(if $(BUNDLE),--bundle $(BUNDLE),)

@@ -77,6 +77,16 @@ TABLES: list[tuple[str, str, str, str]] = [
      "device and a batch moves only its history tensors.", "figures"),
     ("serving_gpu_e2e", "Serving on a GPU: end to end",
      "The service answering from the GPU, with Redis and the load generators on the host's cores.", "figures"),
+    ("serving_scaleout", "Serving: scale-out on one host",
+     "One and two service processes behind haproxy (`deploy/scaleout.py`) sharing one Redis, all running at once and "
+     "measured in turns in one run (4 windows each, in alternating order) on the same cores as Redis and the load "
+     "generator (`/recommend` by user id, 20-item stored histories, k 10): a closed loop of 32 clients gives each "
+     "setting's throughput and p99, then an open loop at half of one process's throughput gives the p99 at the same "
+     "offered load; efficiency = two processes' req/s / (2 x one process's req/s). One process without the proxy "
+     "shows what the proxy hop costs.", "figures"),
+    ("training_plots", "Training plots",
+     "A bundle's training curve and its tokenizer's code usage, drawn by `docs/plot_bundle.py` from the bundle's own "
+     "files (`make plots BUNDLE=...` writes them into the bundle; copies here).", "rows"),
 ]
 
 REQUIRED = ("table", "method", "metrics")

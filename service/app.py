@@ -126,7 +126,8 @@ def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEn
 def build_store(settings: Settings, max_history: int) -> HistoryStore:
     if settings.redis_url:
         return RedisHistoryStore.from_url(
-            settings.redis_url, max_items=max_history, ttl_s=settings.history_ttl_s, timeout_ms=settings.redis_timeout_ms
+            settings.redis_url, max_items=max_history, ttl_s=settings.history_ttl_s, timeout_ms=settings.redis_timeout_ms,
+            cluster=settings.redis_cluster,
         )
     return InMemoryHistoryStore(max_items=max_history, ttl_s=settings.history_ttl_s)
 

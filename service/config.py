@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     # Redis URL for user histories (redis://host:6379/0); unset -> in-process store.
     redis_url: str | None = None
+    # redis_url names one node of a Redis Cluster (any node: the client discovers the rest and follows
+    # slot moves); a user's keys carry the user id as hash tag, so they live on one slot.
+    redis_cluster: bool = False
     # Per-operation Redis timeout; a slow store must not eat the latency budget.
     redis_timeout_ms: float = Field(50.0, gt=0)
     # A user's stored history expires this long after their last event.
@@ -71,6 +74,11 @@ class Settings(BaseSettings):
     engine: Literal["graph", "reference"] = "graph"
     # Seconds the batcher may take to finish queued work on shutdown.
     drain_timeout_s: float = Field(10.0, ge=0)
+    # The demo page at GET / and its read-only helpers under /demo (service/routes/demo.py).
+    demo_page: bool = True
+    # A dataset's sequences file (`user_id item_id item_id ...` per line, e.g. data/beauty/sequential_data.txt):
+    # the demo page offers its users, each with a held-out last item. Unset: items typed in only.
+    demo_users_file: Path | None = None
 
     def resolved_bundle_dir(self) -> Path:
         """bundle_dir if set, else the newest bundle under models_root."""

@@ -91,9 +91,12 @@ class InMemoryHistoryStore:
 
 
 class RedisHistoryStore:
-    """Redis LIST `genrec:history:{user_id}`, newest first.
+    """Redis LIST `genrec:history:{<user_id>}`, newest first, on one Redis or a Redis Cluster.
 
-    Writes: LPUSH + LTRIM + EXPIRE in one MULTI. Reads: one pipeline of LRANGEs for many users.
+    The braces are a Redis Cluster hash tag: every key of a user hashes to the slot of the user id,
+    so the MULTI of a write (and any per-user key added later) stays on one node.
+    Writes: LPUSH + LTRIM + EXPIRE in one MULTI. Reads: one pipeline of LRANGEs for many users (on a
+    cluster the client splits it by node).
     Each attempt is bounded by timeout_s; at most `retries` more attempts (reads: on any connection
     or timeout error; writes: only on connection errors, since a timed-out LPUSH may have happened).
     """
@@ -101,7 +104,7 @@ class RedisHistoryStore:
     backend = "redis"
     key_prefix = "genrec:history:"
 
-    def __init__(self, client: aioredis.Redis, *, max_items: int, ttl_s: int, timeout_s: float, retries: int = 1) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, *, max_items: int, ttl_s: int, timeout_s: float, retries: int = 1) -> None:
         self._client = client
         self.max_items = max_items
         self.ttl_s = ttl_s
@@ -109,19 +112,23 @@ class RedisHistoryStore:
         self.retries = retries
 
     @classmethod
-    def from_url(cls, url: str, *, max_items: int, ttl_s: int, timeout_ms: float, retries: int = 1) -> RedisHistoryStore:
+    def from_url(
+        cls, url: str, *, max_items: int, ttl_s: int, timeout_ms: float, retries: int = 1, cluster: bool = False
+    ) -> RedisHistoryStore:
+        """cluster: `url` names any node of a Redis Cluster; the client discovers the others and
+        follows slot moves."""
         timeout_s = timeout_ms / 1000.0
-        client = aioredis.from_url(
-            url,
+        options = dict(
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),  # retries are ours (at most one), not redis-py's backoff
             decode_responses=True,
         )
+        client = aioredis.RedisCluster.from_url(url, **options) if cluster else aioredis.from_url(url, **options)
         return cls(client, max_items=max_items, ttl_s=ttl_s, timeout_s=timeout_s, retries=retries)
 
     def key(self, user_id: str) -> str:
-        return f"{self.key_prefix}{user_id}"
+        return f"{self.key_prefix}{{{user_id}}}"
 
     async def get_many(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         unique = list(dict.fromkeys(user_ids))

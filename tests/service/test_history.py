@@ -3,12 +3,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pytest
 import redis
 
 from service.history import CoalescingHistoryReader, HistoryStoreError, InMemoryHistoryStore, RedisHistoryStore
-from tests.service.conftest import StoppableRedis
+from tests.service.conftest import LocalRedisCluster, StoppableRedis
 
 
 class FakeClock:
@@ -57,11 +58,34 @@ def test_memory_store_is_bounded_in_users() -> None:
     asyncio.run(main())
 
 
-# --- Redis store, against a real redis-server ---------------------------------------------------
+# --- Redis store, against a real redis-server and a real 3-node Redis Cluster -------------------
 
-def test_redis_store_layout_and_round_trip(redis_server: str) -> None:
+@dataclass(frozen=True)
+class RedisTarget:
+    url: str
+    cluster: bool
+
+    def store(self, **kwargs) -> RedisHistoryStore:
+        return RedisHistoryStore.from_url(self.url, cluster=self.cluster, **kwargs)
+
+    def raw_client(self) -> redis.Redis | redis.RedisCluster:
+        """A plain synchronous client, to look at what the store wrote."""
+        if self.cluster:
+            return redis.RedisCluster.from_url(self.url, decode_responses=True)
+        return redis.Redis.from_url(self.url, decode_responses=True)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+def redis_target(request: pytest.FixtureRequest) -> RedisTarget:
+    """Each Redis store test runs against one redis-server and against the local Redis Cluster."""
+    if request.param == "cluster":
+        return RedisTarget(request.getfixturevalue("redis_cluster").url, cluster=True)
+    return RedisTarget(request.getfixturevalue("redis_server"), cluster=False)
+
+
+def test_redis_store_layout_and_round_trip(redis_target: RedisTarget) -> None:
     async def main() -> None:
-        store = RedisHistoryStore.from_url(redis_server, max_items=3, ttl_s=120, timeout_ms=200)
+        store = redis_target.store(max_items=3, ttl_s=120, timeout_ms=200)
         try:
             await store.append("alice", ["a", "b"])
             await store.append("alice", ["c", "d"])
@@ -72,12 +96,85 @@ def test_redis_store_layout_and_round_trip(redis_server: str) -> None:
             assert await store.ping()
         finally:
             await store.close()
-        raw = redis.Redis.from_url(redis_server, decode_responses=True)
-        try:  # one LIST per user, newest first, trimmed, with a ttl
-            assert raw.lrange("genrec:history:alice", 0, -1) == ["d", "c", "b"]
-            assert 0 < raw.ttl("genrec:history:alice") <= 120
+        raw = redis_target.raw_client()
+        try:  # one LIST per user (the user id as hash tag), newest first, trimmed, with a ttl
+            assert raw.lrange("genrec:history:{alice}", 0, -1) == ["d", "c", "b"]
+            assert 0 < raw.ttl("genrec:history:{alice}") <= 120
         finally:
-            raw.delete("genrec:history:alice", "genrec:history:bob")
+            raw.delete("genrec:history:{alice}")
+            raw.delete("genrec:history:{bob}")
+            raw.close()
+
+    asyncio.run(main())
+
+
+def test_redis_server_error_is_a_store_error(redis_target: RedisTarget) -> None:
+    async def main() -> None:
+        raw = redis_target.raw_client()
+        raw.set("genrec:history:{wrongtype}", "not a list")
+        store = redis_target.store(max_items=3, ttl_s=60, timeout_ms=200)
+        try:
+            with pytest.raises(HistoryStoreError, match="redis error"):
+                await store.get_many(["wrongtype"])
+        finally:
+            await store.close()
+            raw.delete("genrec:history:{wrongtype}")
+            raw.close()
+
+    asyncio.run(main())
+
+
+def test_cluster_keys_a_user_by_hash_tag_and_spreads_users_over_every_node(redis_cluster: LocalRedisCluster) -> None:
+    store = RedisHistoryStore(client=None, max_items=3, ttl_s=60, timeout_s=0.2)  # type: ignore[arg-type]
+    raw = redis.RedisCluster.from_url(redis_cluster.url)
+    try:
+        # Another key of the same user (e.g. a per-user event log) would hash to the same slot.
+        assert raw.keyslot(store.key("alice")) == raw.keyslot("genrec:events:{alice}") == raw.keyslot("alice")
+        owners = {raw.get_node_from_key(store.key(f"user-{i}")).port for i in range(60)}
+        assert owners == {port for port, _ in redis_cluster.ports}
+    finally:
+        raw.close()
+
+
+def test_cluster_history_survives_a_node_restart(redis_cluster: LocalRedisCluster) -> None:
+    """Kill the node that owns a user's slot by PID, start it again from its folder (nodes.conf and
+    append-only file): while it is down its users' reads fail as store errors (the route answers
+    degraded), other nodes' users are still served, and a read mixing both fails whole; once it is
+    back the same store reads the history again."""
+    async def main() -> None:
+        raw = redis.RedisCluster.from_url(redis_cluster.url)
+        store = RedisHistoryStore.from_url(redis_cluster.url, cluster=True, max_items=5, ttl_s=600, timeout_ms=300)
+        port_of_node = {port: node for node, (port, _) in enumerate(redis_cluster.ports)}
+        # A user whose slot is not on the node the URL names, so the client's seed node stays up.
+        users = [f"restart-{i}" for i in range(40)]
+        owner = {u: port_of_node[raw.get_node_from_key(store.key(u)).port] for u in users}
+        victim = next(u for u in users if owner[u] != 0)
+        survivor = next(u for u in users if owner[u] not in (owner[victim],))
+        node = owner[victim]
+        try:
+            await store.append(victim, ["a", "b"])
+            await store.append(survivor, ["x"])
+            redis_cluster.kill_node(node)
+            with pytest.raises(HistoryStoreError):
+                await store.get_many([victim])
+            assert await store.get_many([survivor]) == {survivor: ["x"]}
+            with pytest.raises(HistoryStoreError):  # one pipeline over both nodes fails whole
+                await store.get_many([survivor, victim])
+
+            redis_cluster.start_node(node)
+            redis_cluster.wait_healthy()
+            history = None
+            for _ in range(50):  # the client finds the node again after a failed attempt or two
+                try:
+                    history = await store.get_many([victim, survivor])
+                    break
+                except HistoryStoreError:
+                    await asyncio.sleep(0.1)
+            assert history == {victim: ["a", "b"], survivor: ["x"]}
+            await store.append(victim, ["c"])
+            assert (await store.get_many([victim]))[victim] == ["a", "b", "c"]
+        finally:
+            await store.close()
             raw.close()
 
     asyncio.run(main())
@@ -109,22 +206,6 @@ def test_redis_store_recovers_when_redis_comes_and_goes(stoppable_redis: Stoppab
             await store.get_many(["u1"])
         assert time.perf_counter() - started < 1.0  # one retry at most, each bounded
         await store.close()
-
-    asyncio.run(main())
-
-
-def test_redis_server_error_is_a_store_error(redis_server: str) -> None:
-    async def main() -> None:
-        raw = redis.Redis.from_url(redis_server)
-        raw.set("genrec:history:wrongtype", "not a list")
-        store = RedisHistoryStore.from_url(redis_server, max_items=3, ttl_s=60, timeout_ms=200)
-        try:
-            with pytest.raises(HistoryStoreError, match="redis error"):
-                await store.get_many(["wrongtype"])
-        finally:
-            await store.close()
-            raw.delete("genrec:history:wrongtype")
-            raw.close()
 
     asyncio.run(main())
 
