@@ -36,6 +36,12 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_items(args: argparse.Namespace) -> int:
+    """A configuration trained and evaluated on the new-item split (training/splits.py)."""
+    args.set = [*(args.set or []), "split=new-items"]
+    return _pipeline(args)
+
+
 def _seeds(args: argparse.Namespace) -> int:
     """The mean and spread of one configuration over several seeds."""
     from training.seeds import log_path, markdown_row, read_summary, run_seeds, summarize
@@ -132,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE",
                    help="override config fields, e.g. train.device=cuda model.d_model=256 tokenizer=rqkmeans")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("new-items", help="a configuration on the new-item split: ~5%% of items held out of training, "
+                                         "figures on held-out targets, the rest and popularity buckets, beside the floors")
+    p.add_argument("--config", default=None, help="named configuration (training/configs.py); its codes must be text-view")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE", help="config overrides, e.g. new_item_fraction=0.1")
+    p.set_defaults(func=_new_items)
 
     p = sub.add_parser("seeds", help="one configuration over several seeds: mean and spread (JSON line + markdown row)")
     p.add_argument("--config", default=None, help="default: the best configuration for --dataset")

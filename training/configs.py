@@ -38,6 +38,12 @@ class PipelineConfig:
     joint: JointConfig | None = None  # train the tokenizer beside the recommender (training/joint.py)
     evaluate_unconstrained: bool = False  # also rank test users by a search without the trie (invalid IDs miss)
     beam_size: int = 20
+    # "leave-one-out" (the protocol), or "new-items" (training/splits.py): new_item_fraction of the
+    # items, stratified by popularity and chosen with new_item_seed (fixed across seeds, as the
+    # split is), held out of training and tokenizer fitting; figures by target group.
+    split: str = "leave-one-out"
+    new_item_fraction: float = 0.05
+    new_item_seed: int = 0
     check_users: int = 64  # users whose served top-10 is compared with torch at export
     final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
 

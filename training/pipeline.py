@@ -24,6 +24,7 @@ from training.baselines import evaluate_baselines
 from training.item_features import item_views, sasrec_reference
 from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
 from training.metrics import topk_metrics
+from training.splits import CANNOT_RANK_NEW_ITEMS, NewItemSplit, new_item_rows, new_item_split, markdown_table as splits_markdown
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.diagnostics import code_neighbour_similarity
 from training.train import train_recommender
@@ -124,7 +125,18 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset)
-    splits = leave_one_out(dataset, max_history=cfg.model.max_history)
+    new_items: NewItemSplit | None = None
+    if cfg.split == "new-items":
+        if "collaborative" in cfg.item_features:
+            raise ValueError(f"the new-item split needs text-view codes: {CANNOT_RANK_NEW_ITEMS}")
+        # SASRec's cached table and figures come from the leave-one-out split, held-out items included.
+        cfg = replace(cfg, collaborative_reference=False)
+        new_items = new_item_split(dataset, cfg.model.max_history, cfg.new_item_fraction, cfg.new_item_seed)
+        splits = new_items.splits
+    elif cfg.split == "leave-one-out":
+        splits = leave_one_out(dataset, max_history=cfg.model.max_history)
+    else:
+        raise ValueError(f"unknown split {cfg.split!r}; known: leave-one-out, new-items")
     lap("data", t0)
 
     t0 = time.perf_counter()
@@ -132,8 +144,15 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("item_features", t0)
 
     t0 = time.perf_counter()
-    raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
-    codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity)
+    arrival_order = None
+    if new_items is None:
+        raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
+    else:  # fitted on the known items; the held-out ones get codes from their text, and collision codes last
+        known = new_items.known_items
+        _, tokenizer, fit_report = fit_semantic_ids(ItemViews(text=views.text[known]), cfg, seed)
+        raw_codes = tokenizer.encode(views)
+        arrival_order = np.concatenate([known, new_items.held_out])
+    codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity, arrival_order)
     lap("tokenizer", t0)
     code_quality = code_quality_figures(codes, views)
     if progress:
@@ -168,14 +187,24 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     t0 = time.perf_counter()
     device = train_cfg.device
-    users = np.arange(len(splits.test_targets))
-    if cfg.final_eval_users is not None and cfg.final_eval_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, cfg.final_eval_users, replace=False))
+
+    def evaluated_rows(n: int) -> np.ndarray:  # every row (the protocol), or a seeded sample (demo only)
+        if cfg.final_eval_users is not None and cfg.final_eval_users < n:
+            return np.sort(np.random.default_rng(seed).choice(n, cfg.final_eval_users, replace=False))
+        return np.arange(n)
+
+    users, valid_users = evaluated_rows(len(splits.test_targets)), evaluated_rows(len(splits.valid_targets))
     ranker = beam_ranker(result.model, semantic_ids, cfg.beam_size, device)
-    valid = evaluate(ranker, [splits.valid_histories[u] for u in users], splits.valid_targets[users])
+    valid = evaluate(ranker, [splits.valid_histories[u] for u in valid_users], splits.valid_targets[valid_users])
     test_histories = [splits.test_histories[u] for u in users]
-    test = evaluate(ranker, test_histories, splits.test_targets[users])
+    test_ranked = ranker(test_histories)
+    test = topk_metrics(test_ranked, splits.test_targets[users])
     floors = reference_rows(cfg, dataset, splits)
+    new_item_figures = None
+    if new_items is not None:  # the test rows by target group, beside the floors on the same split
+        model_rows = {"this model (new items: tokenizer encode)": test_ranked}
+        new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
+                            "rows": new_item_rows(new_items, model_rows, views.text, users)}
     # What the generated codes alone rank, to tell the item head's share of the figures.
     test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
                                 test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
@@ -210,6 +239,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
+                 **({"new_items": new_item_figures} if new_item_figures else {}),
                  "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
@@ -228,6 +258,10 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
         print(format_table({"valid": valid, "test": test}), flush=True)
         print(floors_table(valid, test, floors), flush=True)
+        if new_item_figures:
+            print(f"[genrec] new-item split: {new_item_figures['held_out_items']} items held out", flush=True)
+            print(splits_markdown(new_item_figures["rows"]), flush=True)
+            print(CANNOT_RANK_NEW_ITEMS, flush=True)
     summary = {
         "dataset": dataset.name,
         "config": cfg.name,
@@ -239,6 +273,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
+        **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
