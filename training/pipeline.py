@@ -27,6 +27,7 @@ from training.metrics import topk_metrics
 from training.splits import CANNOT_RANK_NEW_ITEMS, NewItemSplit, new_item_rows, new_item_split, markdown_table as splits_markdown
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.diagnostics import code_neighbour_similarity
+from training.store import ItemTexts, StoreTask, StoreTaskConfig, t2k_fidelity, text_to_codes, with_new_item_codes
 from training.train import train_recommender
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,16 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         trainable = tokenizer.trainable(views)
         joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
                         "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1])}
+    # STORE (training/store.py): its task mix needs every item's text as WordPiece ids.
+    store_texts, store_kwargs, train_items = None, {}, np.arange(dataset.n_items)
+    if new_items is not None:
+        train_items = new_items.known_items
+    if cfg.model_kind == "store":
+        store_cfg = StoreTaskConfig.from_value(cfg.store)
+        store_texts = ItemTexts.from_texts(dataset.texts, model_cfg.max_text_tokens)
+        model_cfg = replace(model_cfg, text_output_size=len(store_texts.output_vocabulary(train_items)))
+        store_kwargs = {"task_type": StoreTask, "phases": store_cfg.phases(),
+                        "task_kwargs": {"texts": store_texts, "train_items": train_items, "store": store_cfg}}
     initial_raw_codes = codes.semantic_ids[:, :-1].copy()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
     run_dir = models_dir.parent / "runs" / cfg.name / version
@@ -177,7 +188,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     result = train_recommender(
         model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
         codes, curve_path=run_dir / "training_curve.jsonl", progress=progress,
-        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind, **joint_kwargs,
+        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind, **joint_kwargs, **store_kwargs,
     )
     semantic_ids, sid_report = result.codes.semantic_ids, result.codes.report
     if result.codes.refreshes:  # the codes the bundle keeps are the trained ones
@@ -201,8 +212,23 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     test = topk_metrics(test_ranked, splits.test_targets[users])
     floors = reference_rows(cfg, dataset, splits)
     new_item_figures = None
+    store_figures: dict[str, Any] = {}
+    if store_texts is not None:  # T2K's fidelity on (a sample of) the items it was trained on
+        sample = np.sort(np.random.default_rng(seed).choice(train_items, min(2000, len(train_items)), replace=False))
+        store_figures["t2k_known_items"] = t2k_fidelity(result.model, store_texts, semantic_ids, sample)
     if new_items is not None:  # the test rows by target group, beside the floors on the same split
-        model_rows = {"this model (new items: tokenizer encode)": test_ranked}
+        # Held-out items' codes as the training catalog has them: the tokenizer's encode of their text
+        # embedding, or with STORE's own codes the nearest centres of their pooled text states.
+        catalog_codes = "own-code centres" if store_texts is not None and result.codes.refreshes else "tokenizer encode"
+        model_rows = {f"this model (new items: {catalog_codes})": test_ranked}
+        if store_texts is not None:  # STORE's own way: T2K gives the held-out items their codes
+            t2k_raw = text_to_codes(result.model, store_texts, new_items.held_out)
+            semantic_ids = with_new_item_codes(semantic_ids, new_items.held_out, t2k_raw, model_cfg.codebook_sizes)
+            store_figures[f"t2k_new_items_matching_{catalog_codes.replace(' ', '_')}"] = float(
+                (t2k_raw == result.codes.semantic_ids[new_items.held_out, :-1]).all(1).mean())
+            model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
+                                                                    device)(test_histories)
+            test = topk_metrics(model_rows["this model (new items: T2K)"], splits.test_targets[users])
         new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
                             "rows": new_item_rows(new_items, model_rows, views.text, users)}
     # What the generated codes alone rank, to tell the item head's share of the figures.
@@ -240,6 +266,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
                  **({"new_items": new_item_figures} if new_item_figures else {}),
+                 **({"store": store_figures} if store_figures else {}),
                  "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
@@ -253,6 +280,12 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(splits.test_histories), min(cfg.check_users, len(splits.test_histories)), replace=False)
     check = check_bundle(bundle_dir, result.model, [splits.test_histories[i] for i in sample])
+    if store_texts is not None:  # the service's T2K (onnxruntime + tokenizers) against torch's
+        from training.store import check_text_codes
+
+        check.text_codes_equal, check.text_codes_checked = check_text_codes(
+            bundle_dir, result.model, dataset.texts, rng.choice(dataset.n_items, min(cfg.check_users, dataset.n_items),
+                                                                replace=False))
     lap("export", t0)
     if progress:
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
@@ -274,6 +307,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
         **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
+        **({"store": store_figures} if store_figures else {}),
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
