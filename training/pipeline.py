@@ -26,6 +26,7 @@ from training.joint import JointConfig, joint_losses, joint_phases, trainable_to
 from training.metrics import topk_metrics
 from training.splits import CANNOT_RANK_NEW_ITEMS, NewItemSplit, new_item_rows, new_item_split, markdown_table as splits_markdown
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
+from training.tokenizers.base import CollisionOverflow
 from training.tokenizers.diagnostics import code_neighbour_similarity
 from training.store import ItemTexts, StoreTask, StoreTaskConfig, t2k_fidelity, text_to_codes, with_new_item_codes
 from training.train import train_recommender
@@ -223,12 +224,16 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         model_rows = {f"this model (new items: {catalog_codes})": test_ranked}
         if store_texts is not None:  # STORE's own way: T2K gives the held-out items their codes
             t2k_raw = text_to_codes(result.model, store_texts, new_items.held_out)
-            semantic_ids = with_new_item_codes(semantic_ids, new_items.held_out, t2k_raw, model_cfg.codebook_sizes)
             store_figures[f"t2k_new_items_matching_{catalog_codes.replace(' ', '_')}"] = float(
                 (t2k_raw == result.codes.semantic_ids[new_items.held_out, :-1]).all(1).mean())
-            model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
-                                                                    device)(test_histories)
-            test = topk_metrics(model_rows["this model (new items: T2K)"], splits.test_targets[users])
+            try:
+                semantic_ids = with_new_item_codes(semantic_ids, new_items.held_out, t2k_raw, model_cfg.codebook_sizes)
+            except CollisionOverflow as overflow:  # the bundle keeps the catalog's codes; the figure says why
+                store_figures["t2k_new_items_not_placed"] = str(overflow)
+            else:  # the summary's test figures (and the bundle) are then those of T2K's codes
+                model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
+                                                                        device)(test_histories)
+                test = topk_metrics(model_rows["this model (new items: T2K)"], splits.test_targets[users])
         new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
                             "rows": new_item_rows(new_items, model_rows, views.text, users)}
     # What the generated codes alone rank, to tell the item head's share of the figures.
