@@ -28,7 +28,9 @@ from training.splits import CANNOT_RANK_NEW_ITEMS, NewItemSplit, new_item_rows, 
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.base import CollisionOverflow
 from training.tokenizers.diagnostics import code_neighbour_similarity
-from training.store import ItemTexts, StoreTask, StoreTaskConfig, t2k_fidelity, text_to_codes, with_new_item_codes
+from training.store import (
+    ItemTexts, StoreTask, StoreTaskConfig, k2t_identity, t2k_fidelity, text_to_codes, with_new_item_codes,
+)
 from training.train import train_recommender
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +236,9 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
                 model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
                                                                         device)(test_histories)
                 test = topk_metrics(model_rows["this model (new items: T2K)"], splits.test_targets[users])
+            # K2T on the held-out items' codes: does the generated text find the item again?
+            store_figures["k2t_new_items"] = k2t_identity(result.model, semantic_ids, new_items.held_out, train_items,
+                                                          dataset.titles, views.text, get_text_encoder(cfg.text_encoder))
         new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
                             "rows": new_item_rows(new_items, model_rows, views.text, users)}
     # What the generated codes alone rank, to tell the item head's share of the figures.

@@ -251,3 +251,59 @@ def check_text_codes(bundle_dir, model: StoreModel, texts: list[str], items: np.
     served = TextCodes(load_bundle(bundle_dir)).raw_codes(chosen)
     torch_codes = text_to_codes(model, ItemTexts.from_texts(chosen, model.cfg.max_text_tokens), np.arange(len(chosen)))
     return int((served == torch_codes).all(1).sum()), len(chosen)
+
+
+@torch.no_grad()
+def codes_to_text(model: StoreModel, raw_codes: np.ndarray, batch: int = 256) -> list[list[int]]:
+    """K2T's greedy text for each row of raw codes (M, L-1): WordPiece ids up to [SEP] (not included),
+    at most max_text_tokens - 2 of them."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    sep, out = 102, []
+    for start in range(0, len(raw_codes), batch):
+        codes = torch.as_tensor(raw_codes[start : start + batch], device=device)
+        tokens = codes + model.code_offsets[: codes.shape[1]]
+        memory = model.encode_tokens(tokens, torch.ones_like(tokens, dtype=torch.bool))
+        kv = model.cross_keys_values(memory)
+        bias = torch.zeros(1, 1, 1, memory.shape[1], device=device)
+        x = model.marker_embedding("k2t", len(codes))[:, None]  # (M, 1, D)
+        output_rows = model.output_embeddings(model.text_output_ids)
+        generated = []
+        for step in range(model.cfg.max_text_tokens - 1):
+            hidden = model.run_decoder(x + model.text_positions.weight[: step + 1], kv, bias)
+            token = model.text_output_ids[(hidden[:, -1] @ output_rows.T).argmax(-1)]  # (M,)
+            generated.append(token)
+            x = torch.cat([x, model.token_embeddings(token)[:, None]], dim=1)
+        for row in torch.stack(generated, 1).cpu().tolist():
+            out.append(row[: row.index(sep)] if sep in row else row)
+    model.train(was_training)
+    return out
+
+
+def identity_ranks(queries: np.ndarray, catalog: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """0-based rank of item i among the catalog by cosine to its query vector (row i of queries)."""
+    q = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-12)
+    c = catalog / np.maximum(np.linalg.norm(catalog, axis=1, keepdims=True), 1e-12)
+    similarity = q @ c.T  # (M, N)
+    own = similarity[np.arange(len(items)), items]
+    return (similarity > own[:, None]).sum(1)
+
+
+def k2t_identity(model: StoreModel, semantic_ids: np.ndarray, items: np.ndarray, known: np.ndarray,
+                 titles: list[str], catalog_embeddings: np.ndarray, encoder) -> dict[str, Any]:
+    """K2T on `items` (e.g. the held-out ones, coded by T2K): generate each item's text from its raw
+    codes, embed it with the text encoder and rank the catalog by cosine: R@1/R@10 of the item
+    itself. The floor: the title of the known item sharing the longest code prefix, ranked the same
+    way. Also three generated texts, to read."""
+    tokenizer = text_tokenizer(model.cfg.max_text_tokens)
+    generated = [tokenizer.decode(ids) for ids in codes_to_text(model, semantic_ids[items, :-1])]
+    raw = semantic_ids[:, :-1]
+    shared = (raw[items][:, None, :] == raw[known][None, :, :]).cumprod(-1).sum(-1)  # (M, K) common prefix length
+    nearest = known[shared.argmax(1)]
+    figures: dict[str, Any] = {"items": int(len(items))}
+    for name, texts in (("k2t", generated), ("longest_prefix_title", [titles[i] for i in nearest])):
+        ranks = identity_ranks(encoder.encode(texts), catalog_embeddings, items)
+        figures[f"{name}_r@1"], figures[f"{name}_r@10"] = float((ranks < 1).mean()), float((ranks < 10).mean())
+    figures["examples"] = [{"title": titles[i], "k2t": text} for i, text in zip(items[:3], generated[:3])]
+    return figures

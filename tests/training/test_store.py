@@ -163,3 +163,19 @@ def test_new_items_get_t2k_codes_and_the_service_gives_the_same_without_torch(st
                           env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     np.testing.assert_array_equal(np.array(json.loads(done.stdout)), bundle.semantic_ids[held_out])
+
+
+def test_identity_ranks_count_the_catalog_items_closer_than_the_item() -> None:
+    from training.store import identity_ranks
+
+    catalog = np.eye(4, dtype=np.float32)
+    queries = np.array([[1.0, 0.1, 0, 0], [0.9, 1.0, 0, 0], [1.0, 0, 0.5, 0]], dtype=np.float32)
+    assert identity_ranks(queries, catalog, np.array([0, 0, 2])).tolist() == [0, 1, 1]
+
+
+def test_k2t_writes_text_for_new_items_and_is_ranked_against_the_prefix_floor(store_run: dict) -> None:
+    figures = store_run["store"]["k2t_new_items"]
+    assert figures["items"] == 6
+    for name in ("k2t", "longest_prefix_title"):
+        assert 0.0 <= figures[f"{name}_r@1"] <= figures[f"{name}_r@10"] <= 1.0
+    assert all(isinstance(example["k2t"], str) for example in figures["examples"])
