@@ -79,9 +79,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from service.bundle import load_bundle
     from service.engine import OnnxBeamEngine
-    from training.data import leave_one_out, load_dataset
-    from training.evaluation import evaluate
+    from training.data import item_popularity, leave_one_out, load_dataset
+    from training.metrics import topk_metrics
     from training.pipeline import format_table
+    from training.splits import group_metrics, markdown_table, popularity_groups
 
     bundle = load_bundle(args.bundle)
     dataset = load_dataset(args.dataset or bundle.dataset)
@@ -98,9 +99,15 @@ def _eval(args: argparse.Namespace) -> int:
         ("valid", splits.valid_histories, splits.valid_targets),
         ("test", splits.test_histories, splits.test_targets),
     ):
-        rows[split] = evaluate(served_ranker, [index[h] for h in histories], index[np.asarray(targets)])
+        ranked = served_ranker([index[h] for h in histories])
+        rows[split] = topk_metrics(ranked, index[np.asarray(targets)])
+    # The long tail: test figures by the target's training interactions, in the bundle's item order.
+    counts = np.zeros(bundle.num_items, dtype=np.int64)
+    counts[index] = item_popularity(splits.train_sequences, dataset.n_items)
+    by_popularity = group_metrics(ranked, index[splits.test_targets], popularity_groups(index[splits.test_targets], counts))
     print(format_table(rows))
-    print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows}))
+    print("test by the target's training interactions:\n" + markdown_table({"served": by_popularity}))
+    print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows, "test_by_popularity": by_popularity}))
     return 0
 
 

@@ -24,7 +24,10 @@ from training.baselines import evaluate_baselines
 from training.item_features import item_views, sasrec_reference
 from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
 from training.metrics import topk_metrics
-from training.splits import CANNOT_RANK_NEW_ITEMS, NewItemSplit, new_item_rows, new_item_split, markdown_table as splits_markdown
+from training.splits import (
+    CANNOT_RANK_NEW_ITEMS, NewItemSplit, group_metrics, markdown_table as splits_markdown, new_item_rows, new_item_split,
+    popularity_groups,
+)
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
 from training.tokenizers.base import CollisionOverflow
 from training.tokenizers.diagnostics import code_neighbour_similarity
@@ -214,6 +217,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     test_ranked = ranker(test_histories)
     test = topk_metrics(test_ranked, splits.test_targets[users])
     floors = reference_rows(cfg, dataset, splits)
+    final_ranked = test_ranked  # the ranking the test figures are of
     new_item_figures = None
     store_figures: dict[str, Any] = {}
     if store_texts is not None:  # T2K's fidelity on (a sample of) the items it was trained on
@@ -235,12 +239,16 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
             else:  # the summary's test figures (and the bundle) are then those of T2K's codes
                 model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
                                                                         device)(test_histories)
-                test = topk_metrics(model_rows["this model (new items: T2K)"], splits.test_targets[users])
+                final_ranked = model_rows["this model (new items: T2K)"]
+                test = topk_metrics(final_ranked, splits.test_targets[users])
             # K2T on the held-out items' codes: does the generated text find the item again?
             store_figures["k2t_new_items"] = k2t_identity(result.model, semantic_ids, new_items.held_out, train_items,
                                                           dataset.titles, views.text, get_text_encoder(cfg.text_encoder))
         new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
                             "rows": new_item_rows(new_items, model_rows, views.text, users)}
+    # The long tail: test figures by the target's training interactions (training/splits.py).
+    test_by_popularity = group_metrics(final_ranked, splits.test_targets[users], popularity_groups(
+        splits.test_targets[users], item_popularity(splits.train_sequences, dataset.n_items)))
     # What the generated codes alone rank, to tell the item head's share of the figures.
     test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
                                 test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
@@ -277,7 +285,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
                  **({"new_items": new_item_figures} if new_item_figures else {}),
                  **({"store": store_figures} if store_figures else {}),
-                 "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
+                 "test_by_popularity": test_by_popularity, "floors": floors, "code_quality": code_quality,
+                 "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
             "seed": seed,
@@ -301,6 +310,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
         print(format_table({"valid": valid, "test": test}), flush=True)
         print(floors_table(valid, test, floors), flush=True)
+        print("test by the target's training interactions:\n" + splits_markdown({"this model": test_by_popularity}), flush=True)
         if new_item_figures:
             print(f"[genrec] new-item split: {new_item_figures['held_out_items']} items held out", flush=True)
             print(splits_markdown(new_item_figures["rows"]), flush=True)
@@ -318,6 +328,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
         **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
         **({"store": store_figures} if store_figures else {}),
+        "test_by_popularity": test_by_popularity,
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

@@ -41,15 +41,17 @@ class NewItemSplit:
         rest by the target's training interactions."""
         targets = self.splits.test_targets
         new = self.is_new(targets)
-        counts = self.train_counts[targets]
-        return {
-            "all": np.ones(len(targets), dtype=bool),
-            "new_target": new,
-            "known_target": ~new,
-            f"tail<={LONG_TAIL_MAX}": ~new & (counts <= LONG_TAIL_MAX),
-            "6-20": ~new & (counts > LONG_TAIL_MAX) & (counts <= 20),
-            ">20": ~new & (counts > 20),
-        }
+        by_popularity = popularity_groups(targets, self.train_counts)
+        return {"all": by_popularity.pop("all"), "new_target": new, "known_target": ~new,
+                **{name: rows & ~new for name, rows in by_popularity.items()}}
+
+
+def popularity_groups(targets: np.ndarray, train_counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks over rows by the target's training interactions: every row, the long tail
+    (<= LONG_TAIL_MAX), 6-20 and > 20."""
+    counts = np.asarray(train_counts)[np.asarray(targets)]
+    return {"all": np.ones(len(counts), dtype=bool), f"tail<={LONG_TAIL_MAX}": counts <= LONG_TAIL_MAX,
+            "6-20": (counts > LONG_TAIL_MAX) & (counts <= 20), ">20": counts > 20}
 
 
 def stratified_held_out(popularity: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:

@@ -79,3 +79,18 @@ def test_a_text_view_configuration_runs_on_the_new_item_split(tmp_path: Path, ca
     assert rows["most popular"]["new_target"]["recall@10"] == 0.0
     assert rows["last-item transitions"]["new_target"]["recall@10"] == 0.0
     assert summary["export_check"]["served_top10_equal"] == summary["export_check"]["users_checked"]
+
+
+def test_genrec_eval_reports_the_long_tail_of_any_bundle(tiny_bundle: Path, capsys) -> None:
+    """`genrec eval` on a served bundle: test figures by the target's training interactions, the
+    buckets partitioning the test users."""
+    from training.cli import main as genrec
+
+    assert genrec(["eval", "--bundle", str(tiny_bundle), "--dataset", str(tiny_bundle.parents[2] / "data"),
+                   "--providers", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    groups = out["test_by_popularity"]
+    assert groups["all"]["recall@10"] == out["test"]["recall@10"]
+    assert groups["tail<=5"]["users"] + groups["6-20"]["users"] + groups[">20"]["users"] == groups["all"]["users"]
+    weighted = sum(groups[g]["recall@10"] * groups[g]["users"] for g in ("tail<=5", "6-20", ">20") if groups[g]["users"])
+    assert abs(weighted / groups["all"]["users"] - groups["all"]["recall@10"]) < 1e-9
