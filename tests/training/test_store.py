@@ -179,3 +179,39 @@ def test_k2t_writes_text_for_new_items_and_is_ranked_against_the_prefix_floor(st
     for name in ("k2t", "longest_prefix_title"):
         assert 0.0 <= figures[f"{name}_r@1"] <= figures[f"{name}_r@10"] <= 1.0
     assert all(isinstance(example["k2t"], str) for example in figures["examples"])
+
+
+def test_text_rows_can_start_from_minilm_word_embeddings() -> None:
+    """The packaged MiniLM word embeddings, projected to d_model, keep which words are alike."""
+    from training.store import minilm_token_table
+
+    table = minilm_token_table(16, seed=0)
+    assert table.shape == (30522, 16)
+    vocab = text_tokenizer(16).get_vocab()
+
+    def cosine(a: str, b: str) -> float:
+        x, y = table[vocab[a]], table[vocab[b]]
+        return float(x @ y / np.linalg.norm(x) / np.linalg.norm(y))
+
+    assert cosine("red", "blue") > cosine("red", "microscope")
+    assert cosine("hair", "skin") > cosine("hair", "voltage")
+
+
+def test_the_task_starts_the_text_rows_from_minilm_when_asked() -> None:
+    from training.store import StoreTask, minilm_token_table
+    from training.tokenizers import CatalogCodes
+    from training.train import TrainConfig
+
+    dataset = make_synthetic_dataset(20, 12, seed=0)
+    codes = CatalogCodes(np.arange(12)[:, None] % 4, [4], collision_capacity=4)
+    cfg = StoreConfig(codebook_sizes=codes.codebook_sizes, d_model=16, n_heads=2, d_ff=32, encoder_layers=1,
+                      decoder_layers=1, max_text_tokens=16, max_encoder_tokens=16)
+    texts = ItemTexts.from_texts(dataset.texts, 16)
+    cfg.text_output_size = len(texts.output_vocabulary(np.arange(12)))
+    model = StoreModel(cfg)
+    StoreTask(model, codes, TrainConfig(), dataset.sequences, dataset.sequences[:2], np.array([0, 1]), texts=texts,
+              train_items=np.arange(12), store=StoreTaskConfig(init_text_from_minilm=True))
+    table = torch.as_tensor(minilm_token_table(16, seed=0))
+    torch.testing.assert_close(model.token_embeddings.weight[:30522], table)
+    torch.testing.assert_close(model.output_embeddings.weight[:30522], table)
+    assert not torch.equal(model.token_embeddings.weight[30522:30530], table[:8])  # markers and codes keep their init
