@@ -39,6 +39,12 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_items(args: argparse.Namespace) -> int:
+    """A configuration trained and evaluated on the new-item split (training/splits.py)."""
+    args.set = [*(args.set or []), "split=new-items"]
+    return _pipeline(args)
+
+
 def _seeds(args: argparse.Namespace) -> int:
     """The mean and spread of one configuration over several seeds."""
     from training.seeds import log_path, markdown_row, read_summary, run_seeds, summarize
@@ -91,9 +97,10 @@ def _eval(args: argparse.Namespace) -> int:
 
     from service.bundle import load_bundle
     from service.engine import OnnxBeamEngine
-    from training.data import leave_one_out, load_dataset
-    from training.evaluation import evaluate
+    from training.data import item_popularity, leave_one_out, load_dataset
+    from training.metrics import topk_metrics
     from training.pipeline import format_table
+    from training.splits import group_metrics, markdown_table, popularity_groups
 
     bundle = load_bundle(args.bundle)
     dataset = load_dataset(args.dataset or bundle.dataset)
@@ -110,9 +117,15 @@ def _eval(args: argparse.Namespace) -> int:
         ("valid", splits.valid_histories, splits.valid_targets),
         ("test", splits.test_histories, splits.test_targets),
     ):
-        rows[split] = evaluate(served_ranker, [index[h] for h in histories], index[np.asarray(targets)])
+        ranked = served_ranker([index[h] for h in histories])
+        rows[split] = topk_metrics(ranked, index[np.asarray(targets)])
+    # The long tail: test figures by the target's training interactions, in the bundle's item order.
+    counts = np.zeros(bundle.num_items, dtype=np.int64)
+    counts[index] = item_popularity(splits.train_sequences, dataset.n_items)
+    by_popularity = group_metrics(ranked, index[splits.test_targets], popularity_groups(index[splits.test_targets], counts))
     print(format_table(rows))
-    print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows}))
+    print("test by the target's training interactions:\n" + markdown_table({"served": by_popularity}))
+    print(json.dumps({"bundle": str(args.bundle), "provider": engine.provider, **rows, "test_by_popularity": by_popularity}))
     return 0
 
 
@@ -151,6 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE",
                    help="override config fields, e.g. train.device=cuda model.d_model=256 tokenizer=rqkmeans")
     p.set_defaults(func=_pipeline)
+
+    p = sub.add_parser("new-items", help="a configuration on the new-item split: ~5%% of items held out of training, "
+                                         "figures on held-out targets, the rest and popularity buckets, beside the floors")
+    p.add_argument("--config", default=None, help="named configuration (training/configs.py); its codes must be text-view")
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models-dir", default=str(MODELS_DIR))
+    p.add_argument("--set", nargs="*", action="extend", metavar="FIELD=VALUE", help="config overrides, e.g. new_item_fraction=0.1")
+    p.set_defaults(func=_new_items)
 
     p = sub.add_parser("seeds", help="one configuration over several seeds: mean and spread (JSON line + markdown row)")
     p.add_argument("--config", default=None, help="default: the best configuration for --dataset")

@@ -12,6 +12,8 @@ from typing import Any
 
 from training.joint import JointConfig
 from training.model import Seq2SeqConfig
+from training.store import StoreTaskConfig
+from training.store_model import StoreConfig
 from training.train import TrainConfig
 
 
@@ -38,8 +40,15 @@ class PipelineConfig:
     model: Seq2SeqConfig = field(default_factory=Seq2SeqConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     joint: JointConfig | None = None  # train the tokenizer beside the recommender (training/joint.py)
+    store: StoreTaskConfig | None = None  # STORE's task mix and code source (model_kind "store", training/store.py)
     evaluate_unconstrained: bool = False  # also rank test users by a search without the trie (invalid IDs miss)
     beam_size: int = 20
+    # "leave-one-out" (the protocol), or "new-items" (training/splits.py): new_item_fraction of the
+    # items, stratified by popularity and chosen with new_item_seed (fixed across seeds, as the
+    # split is), held out of training and tokenizer fitting; figures by target group.
+    split: str = "leave-one-out"
+    new_item_fraction: float = 0.05
+    new_item_seed: int = 0
     check_users: int = 64  # users whose served top-10 is compared with torch at export
     final_eval_users: int | None = None  # None: every user (the protocol); a number: a seeded sample (demo only)
 
@@ -119,6 +128,28 @@ CONFIGS: dict[str, PipelineConfig] = dict([
     _named("scientific-cf-item-head", "scientific", tokenizer="rqkmeans", item_features="collaborative",
            model=_ITEM_HEAD_MODEL,
            train=TrainConfig(max_train_seconds=1200, eval_users=2000, init_codes_from_features=True)),
+    # STORE (training/store.py): one model and vocabulary for K2K, T2K, K2T and H2K, on RQ-KMeans codes of
+    # the MiniLM text embeddings (the scientific-rqkmeans-text row's codes, recommender size and budget).
+    # Ablations: --set store.t2k_weight=0 (etc.) switches a task off; store.codes=own refreshes the codes
+    # from the model's own text states. The collision capacity is fixed so refreshed or new items' codes fit:
+    # 32 overflowed on Scientific's new-item split (an under-trained T2K put 48 of 219 held-out items on one tuple).
+    _named("tiny-store", "", text_encoder="hashing-64", tokenizer="rqkmeans",
+           tokenizer_params={"levels": 2, "codebook_size": 8, "iters": 10}, model_kind="store", collision_capacity=16,
+           model=StoreConfig(d_model=32, n_heads=2, d_ff=64, encoder_layers=1, decoder_layers=1, dropout=0.0,
+                             max_text_tokens=16, max_encoder_tokens=32),
+           store=StoreTaskConfig(text_items=16, h2k_history_items=2, h2k_tokens_per_item=6),
+           train=TrainConfig(epochs=3, batch_size=64, lr=3e-3, warmup_steps=5, eval_users=200, patience=3),
+           check_users=16),
+    _named("scientific-store", "scientific", tokenizer="rqkmeans", model_kind="store", collision_capacity=128,
+           model=StoreConfig(), store=StoreTaskConfig(), train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    _named("scientific-store-own-codes", "scientific", tokenizer="rqkmeans", model_kind="store", collision_capacity=128,
+           model=StoreConfig(), store=StoreTaskConfig(codes="own"),
+           train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
+    _named("beauty-store", "beauty", tokenizer="rqkmeans", model_kind="store", collision_capacity=128,
+           model=StoreConfig(), store=StoreTaskConfig(), train=TrainConfig(max_train_seconds=4200, eval_users=2000)),
+    _named("beauty-store-own-codes", "beauty", tokenizer="rqkmeans", model_kind="store", collision_capacity=128,
+           model=StoreConfig(), store=StoreTaskConfig(codes="own"),
+           train=TrainConfig(max_train_seconds=4200, eval_users=2000)),
 ])
 
 
@@ -152,7 +183,8 @@ def apply_overrides(cfg: PipelineConfig, assignments: list[str]) -> PipelineConf
     """`train.lr=1e-3`, `model.d_model=256`, `tokenizer_params.balanced=true`: values parse as JSON, else text."""
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model), train=dataclasses.replace(cfg.train),
                               tokenizer_params=dict(cfg.tokenizer_params), sasrec=dict(cfg.sasrec),
-                              joint=dataclasses.replace(cfg.joint) if cfg.joint is not None else None)
+                              joint=dataclasses.replace(cfg.joint) if cfg.joint is not None else None,
+                              store=dataclasses.replace(cfg.store) if cfg.store is not None else None)
     for assignment in assignments:
         path, sep, raw = assignment.partition("=")
         if not sep:

@@ -35,9 +35,12 @@ class ExportCheck:
     beam_score_max_abs_diff: float
     served_top10_equal: int
     users_checked: int
+    # STORE bundles: items whose codes from the service's T2K (onnxruntime + tokenizers) equal torch's
+    text_codes_equal: int | None = None
+    text_codes_checked: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return self.__dict__.copy()
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 def check_bundle(bundle_dir: Path, model: torch.nn.Module, histories: list[np.ndarray]) -> ExportCheck:

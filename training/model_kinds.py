@@ -18,6 +18,7 @@ from torch import nn
 
 from training.graphs import export_seq2seq_graphs
 from training.model import GenerativeRecommender, Seq2SeqConfig
+from training.store_model import StoreConfig, StoreModel, export_store_graphs
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,8 @@ class ModelKind:
 
 MODEL_KINDS: dict[str, ModelKind] = {
     "seq2seq": ModelKind("seq2seq", Seq2SeqConfig, GenerativeRecommender, export_seq2seq_graphs),
+    # STORE: the same K2K graphs, plus t2k.onnx and text_tokenizer.json (training/store_model.py)
+    "store": ModelKind("store", StoreConfig, StoreModel, export_store_graphs),
 }
 
 

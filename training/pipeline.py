@@ -24,8 +24,16 @@ from training.baselines import evaluate_baselines
 from training.item_features import item_views, sasrec_reference
 from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
 from training.metrics import topk_metrics
+from training.splits import (
+    CANNOT_RANK_NEW_ITEMS, NewItemSplit, group_metrics, markdown_table as splits_markdown, new_item_rows, new_item_split,
+    popularity_groups,
+)
 from training.tokenizers import CatalogCodes, FitReport, ItemTokenizer, ItemViews, get_tokenizer
+from training.tokenizers.base import CollisionOverflow
 from training.tokenizers.diagnostics import code_neighbour_similarity
+from training.store import (
+    ItemTexts, StoreTask, StoreTaskConfig, k2t_identity, t2k_fidelity, text_to_codes, with_new_item_codes,
+)
 from training.train import train_recommender
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -124,7 +132,18 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg.dataset)
-    splits = leave_one_out(dataset, max_history=cfg.model.max_history)
+    new_items: NewItemSplit | None = None
+    if cfg.split == "new-items":
+        if "collaborative" in cfg.item_features:
+            raise ValueError(f"the new-item split needs text-view codes: {CANNOT_RANK_NEW_ITEMS}")
+        # SASRec's cached table and figures come from the leave-one-out split, held-out items included.
+        cfg = replace(cfg, collaborative_reference=False)
+        new_items = new_item_split(dataset, cfg.model.max_history, cfg.new_item_fraction, cfg.new_item_seed)
+        splits = new_items.splits
+    elif cfg.split == "leave-one-out":
+        splits = leave_one_out(dataset, max_history=cfg.model.max_history)
+    else:
+        raise ValueError(f"unknown split {cfg.split!r}; known: leave-one-out, new-items")
     lap("data", t0)
 
     t0 = time.perf_counter()
@@ -132,8 +151,15 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     lap("item_features", t0)
 
     t0 = time.perf_counter()
-    raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
-    codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity)
+    arrival_order = None
+    if new_items is None:
+        raw_codes, tokenizer, fit_report = fit_semantic_ids(views, cfg, seed)
+    else:  # fitted on the known items; the held-out ones get codes from their text, and collision codes last
+        known = new_items.known_items
+        _, tokenizer, fit_report = fit_semantic_ids(ItemViews(text=views.text[known]), cfg, seed)
+        raw_codes = tokenizer.encode(views)
+        arrival_order = np.concatenate([known, new_items.held_out])
+    codes = CatalogCodes(raw_codes, tokenizer.codebook_sizes, cfg.collision_capacity, arrival_order)
     lap("tokenizer", t0)
     code_quality = code_quality_figures(codes, views)
     if progress:
@@ -149,6 +175,16 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         trainable = tokenizer.trainable(views)
         joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
                         "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1])}
+    # STORE (training/store.py): its task mix needs every item's text as WordPiece ids.
+    store_texts, store_kwargs, train_items = None, {}, np.arange(dataset.n_items)
+    if new_items is not None:
+        train_items = new_items.known_items
+    if cfg.model_kind == "store":
+        store_cfg = StoreTaskConfig.from_value(cfg.store)
+        store_texts = ItemTexts.from_texts(dataset.texts, model_cfg.max_text_tokens)
+        model_cfg = replace(model_cfg, text_output_size=len(store_texts.output_vocabulary(train_items)))
+        store_kwargs = {"task_type": StoreTask, "phases": store_cfg.phases(),
+                        "task_kwargs": {"texts": store_texts, "train_items": train_items, "store": store_cfg}}
     initial_raw_codes = codes.semantic_ids[:, :-1].copy()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-s{seed}"
     run_dir = models_dir.parent / "runs" / cfg.name / version
@@ -158,7 +194,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     result = train_recommender(
         model_cfg, train_cfg, splits.train_sequences, splits.valid_histories, splits.valid_targets,
         codes, curve_path=run_dir / "training_curve.jsonl", progress=progress,
-        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind, **joint_kwargs,
+        item_features=views.matrix(cfg.item_features), model_kind=cfg.model_kind, **joint_kwargs, **store_kwargs,
     )
     semantic_ids, sid_report = result.codes.semantic_ids, result.codes.report
     if result.codes.refreshes:  # the codes the bundle keeps are the trained ones
@@ -168,14 +204,51 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
 
     t0 = time.perf_counter()
     device = train_cfg.device
-    users = np.arange(len(splits.test_targets))
-    if cfg.final_eval_users is not None and cfg.final_eval_users < len(users):
-        users = np.sort(np.random.default_rng(seed).choice(users, cfg.final_eval_users, replace=False))
+
+    def evaluated_rows(n: int) -> np.ndarray:  # every row (the protocol), or a seeded sample (demo only)
+        if cfg.final_eval_users is not None and cfg.final_eval_users < n:
+            return np.sort(np.random.default_rng(seed).choice(n, cfg.final_eval_users, replace=False))
+        return np.arange(n)
+
+    users, valid_users = evaluated_rows(len(splits.test_targets)), evaluated_rows(len(splits.valid_targets))
     ranker = beam_ranker(result.model, semantic_ids, cfg.beam_size, device)
-    valid = evaluate(ranker, [splits.valid_histories[u] for u in users], splits.valid_targets[users])
+    valid = evaluate(ranker, [splits.valid_histories[u] for u in valid_users], splits.valid_targets[valid_users])
     test_histories = [splits.test_histories[u] for u in users]
-    test = evaluate(ranker, test_histories, splits.test_targets[users])
+    test_ranked = ranker(test_histories)
+    test = topk_metrics(test_ranked, splits.test_targets[users])
     floors = reference_rows(cfg, dataset, splits)
+    final_ranked = test_ranked  # the ranking the test figures are of
+    new_item_figures = None
+    store_figures: dict[str, Any] = {}
+    if store_texts is not None:  # T2K's fidelity on (a sample of) the items it was trained on
+        sample = np.sort(np.random.default_rng(seed).choice(train_items, min(2000, len(train_items)), replace=False))
+        store_figures["t2k_known_items"] = t2k_fidelity(result.model, store_texts, semantic_ids, sample)
+    if new_items is not None:  # the test rows by target group, beside the floors on the same split
+        # Held-out items' codes as the training catalog has them: the tokenizer's encode of their text
+        # embedding, or with STORE's own codes the nearest centres of their pooled text states.
+        catalog_codes = "own-code centres" if store_texts is not None and result.codes.refreshes else "tokenizer encode"
+        model_rows = {f"this model (new items: {catalog_codes})": test_ranked}
+        if store_texts is not None:  # STORE's own way: T2K gives the held-out items their codes
+            t2k_raw = text_to_codes(result.model, store_texts, new_items.held_out)
+            store_figures[f"t2k_new_items_matching_{catalog_codes.replace(' ', '_')}"] = float(
+                (t2k_raw == result.codes.semantic_ids[new_items.held_out, :-1]).all(1).mean())
+            try:
+                semantic_ids = with_new_item_codes(semantic_ids, new_items.held_out, t2k_raw, model_cfg.codebook_sizes)
+            except CollisionOverflow as overflow:  # the bundle keeps the catalog's codes; the figure says why
+                store_figures["t2k_new_items_not_placed"] = str(overflow)
+            else:  # the summary's test figures (and the bundle) are then those of T2K's codes
+                model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
+                                                                        device)(test_histories)
+                final_ranked = model_rows["this model (new items: T2K)"]
+                test = topk_metrics(final_ranked, splits.test_targets[users])
+            # K2T on the held-out items' codes: does the generated text find the item again?
+            store_figures["k2t_new_items"] = k2t_identity(result.model, semantic_ids, new_items.held_out, train_items,
+                                                          dataset.titles, views.text, get_text_encoder(cfg.text_encoder))
+        new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
+                            "rows": new_item_rows(new_items, model_rows, views.text, users)}
+    # The long tail: test figures by the target's training interactions (training/splits.py).
+    test_by_popularity = group_metrics(final_ranked, splits.test_targets[users], popularity_groups(
+        splits.test_targets[users], item_popularity(splits.train_sequences, dataset.n_items)))
     # What the generated codes alone rank, to tell the item head's share of the figures.
     test_codes_only = (evaluate(beam_ranker(result.model, semantic_ids, cfg.beam_size, device, use_item_head=False),
                                 test_histories, splits.test_targets[users]) if model_cfg.item_head else None)
@@ -210,7 +283,10 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
-                 "floors": floors, "code_quality": code_quality, "best_epoch": result.best_epoch, "evaluated_users": len(users)},
+                 **({"new_items": new_item_figures} if new_item_figures else {}),
+                 **({"store": store_figures} if store_figures else {}),
+                 "test_by_popularity": test_by_popularity, "floors": floors, "code_quality": code_quality,
+                 "best_epoch": result.best_epoch, "evaluated_users": len(users)},
         training={
             "config": cfg.to_dict() | {"model": model_cfg.to_dict(), "train": train_cfg.to_dict()},
             "seed": seed,
@@ -223,11 +299,22 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(splits.test_histories), min(cfg.check_users, len(splits.test_histories)), replace=False)
     check = check_bundle(bundle_dir, result.model, [splits.test_histories[i] for i in sample])
+    if store_texts is not None:  # the service's T2K (onnxruntime + tokenizers) against torch's
+        from training.store import check_text_codes
+
+        check.text_codes_equal, check.text_codes_checked = check_text_codes(
+            bundle_dir, result.model, dataset.texts, rng.choice(dataset.n_items, min(cfg.check_users, dataset.n_items),
+                                                                replace=False))
     lap("export", t0)
     if progress:
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
         print(format_table({"valid": valid, "test": test}), flush=True)
         print(floors_table(valid, test, floors), flush=True)
+        print("test by the target's training interactions:\n" + splits_markdown({"this model": test_by_popularity}), flush=True)
+        if new_item_figures:
+            print(f"[genrec] new-item split: {new_item_figures['held_out_items']} items held out", flush=True)
+            print(splits_markdown(new_item_figures["rows"]), flush=True)
+            print(CANNOT_RANK_NEW_ITEMS, flush=True)
     summary = {
         "dataset": dataset.name,
         "config": cfg.name,
@@ -239,6 +326,9 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
+        **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
+        **({"store": store_figures} if store_figures else {}),
+        "test_by_popularity": test_by_popularity,
         "evaluated_users": len(users),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

@@ -155,7 +155,10 @@ def train_recommender(
     tokenizer: TrainableTokenizer | None = None,
     phases: Sequence[Phase] = SINGLE_PHASE,
     extra_losses: dict[str, ExtraLoss] | None = None,
+    task_type: type[RecommenderTask] | None = None,
+    task_kwargs: dict[str, Any] | None = None,
 ) -> TrainResult:
+    """task_type/task_kwargs: a RecommenderTask subclass with its own inputs (STORE's task mix, training/store.py)."""
     if list(model_cfg.codebook_sizes) != codes.codebook_sizes:
         model_cfg = replace(model_cfg, codebook_sizes=codes.codebook_sizes)
     torch.manual_seed(train_cfg.seed)
@@ -178,8 +181,9 @@ def train_recommender(
     eval_rows = np.arange(len(valid_histories))
     if train_cfg.eval_users and train_cfg.eval_users < len(eval_rows):
         eval_rows = np.sort(np.random.default_rng(train_cfg.seed + 1).choice(eval_rows, train_cfg.eval_users, replace=False))
-    task = RecommenderTask(model, codes, train_cfg, sequences, [valid_histories[i] for i in eval_rows],
-                           np.asarray(valid_targets)[eval_rows], tokenizer, extra_losses)
+    task = (task_type or RecommenderTask)(model, codes, train_cfg, sequences, [valid_histories[i] for i in eval_rows],
+                                          np.asarray(valid_targets)[eval_rows], tokenizer, extra_losses,
+                                          **(task_kwargs or {}))
     result = run_loop(task, train_cfg.loop_config(), rng, phases, curve_path, progress)
     return TrainResult(
         model=model,

@@ -138,9 +138,12 @@ class CollisionOverflow(ValueError):
 
 
 def assign_semantic_ids(
-    raw_codes: np.ndarray, codebook_sizes: list[int] | None = None, collision_capacity: int | None = None
+    raw_codes: np.ndarray, codebook_sizes: list[int] | None = None, collision_capacity: int | None = None,
+    arrival_order: np.ndarray | None = None,
 ) -> tuple[np.ndarray, SemanticIdReport]:
-    """Appends a collision level: the k-th item (in item order) on a raw tuple gets code k.
+    """Appends a collision level: the k-th item (in item order, or in `arrival_order`: a
+    permutation of the items, e.g. known items before new ones so a new item never renumbers a
+    known one) on a raw tuple gets code k.
 
     raw_codes: (N, L) int; codebook_sizes defaults to max code + 1 per level. collision_capacity
     fixes the collision level's codebook size (codes refreshed during training must fit the model
@@ -158,8 +161,9 @@ def assign_semantic_ids(
 
     _, group, counts = np.unique(raw, axis=0, return_inverse=True, return_counts=True)
     group = group.reshape(-1)
-    # Rank within group in item order: stable sort by group, then position minus group start.
-    order = np.argsort(group, kind="stable")
+    # Rank within group in arrival order: stable sort by group, then position minus group start.
+    arrival = np.arange(n) if arrival_order is None else np.asarray(arrival_order, dtype=np.int64)
+    order = arrival[np.argsort(group[arrival], kind="stable")]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n) - starts[group[order]]
@@ -188,9 +192,12 @@ class CatalogCodes:
     collision level. The codebook sizes (the collision level's capacity included) are fixed at the
     first assignment, so codes refreshed by a tokenizer that keeps training fit the same model."""
 
-    def __init__(self, raw_codes: np.ndarray, raw_codebook_sizes: list[int], collision_capacity: int | None = None) -> None:
+    def __init__(self, raw_codes: np.ndarray, raw_codebook_sizes: list[int], collision_capacity: int | None = None,
+                 arrival_order: np.ndarray | None = None) -> None:
         self.raw_codebook_sizes = list(raw_codebook_sizes)
-        self.semantic_ids, self.report = assign_semantic_ids(raw_codes, self.raw_codebook_sizes, collision_capacity)
+        self.arrival_order = arrival_order  # the order items take collision codes in (None: item order)
+        self.semantic_ids, self.report = assign_semantic_ids(raw_codes, self.raw_codebook_sizes, collision_capacity,
+                                                             arrival_order)
         self.collision_capacity = self.report.extra_level_size
         self.refreshes = 0
 
@@ -200,6 +207,7 @@ class CatalogCodes:
 
     def refresh(self, raw_codes: np.ndarray) -> SemanticIdReport:
         """New raw codes for every item (same codebooks); returns the new assignment's report."""
-        self.semantic_ids, self.report = assign_semantic_ids(raw_codes, self.raw_codebook_sizes, self.collision_capacity)
+        self.semantic_ids, self.report = assign_semantic_ids(raw_codes, self.raw_codebook_sizes, self.collision_capacity,
+                                                             self.arrival_order)
         self.refreshes += 1
         return self.report

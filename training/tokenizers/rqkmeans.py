@@ -63,12 +63,16 @@ def balanced_assign(d2: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(
-    x: torch.Tensor, k: int, iters: int, gen: torch.Generator, balanced: bool = False
+    x: torch.Tensor, k: int, iters: int, gen: torch.Generator, balanced: bool = False, init: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Lloyd's k-means; returns (centres (K, D), assignment (N,)). Empty clusters are re-seeded
-    from the points worst served by their centre, so all K codes stay in use when N >= K."""
+    from the points worst served by their centre, so all K codes stay in use when N >= K.
+    init: starting centres (K, D) instead of k-means++ (e.g. to keep each code's identity)."""
     n = x.shape[0]
-    centres = kmeans_pp_init(x, k, gen) if n >= k else x[torch.randint(n, (k,), generator=gen)].clone()
+    if init is not None:
+        centres = init.clone().to(x.dtype)
+    else:
+        centres = kmeans_pp_init(x, k, gen) if n >= k else x[torch.randint(n, (k,), generator=gen)].clone()
     assign = torch.zeros(n, dtype=torch.long)
     for _ in range(max(1, iters)):
         d2 = sq_distances(x, centres)
