@@ -43,8 +43,8 @@ def test_tune_runs_every_candidate_and_chooses_on_validation(tmp_path: Path) -> 
     folder = write_dataset(make_synthetic_dataset(300, 60, seed=0, n_clusters=3, max_length=25), tmp_path / "shop")
     base = apply_overrides(derived_config(str(folder), DataShape.of(make_synthetic_dataset(300, 60, seed=0, n_clusters=3,
                                                                                              max_length=25))),
-                           ["train.epochs=2", "model.encoder_layers=1", "model.decoder_layers=1", "check_users=8",
-                            'sasrec={"epochs": 3}'])
+                           ["train.epochs=1", "model.encoder_layers=1", "model.decoder_layers=1", "check_users=4",
+                            "final_eval_users=120", 'sasrec={"epochs": 2}'])
     result = tune(base, budget_minutes=2, models_dir=tmp_path / "models", progress=False)
     assert set(result["rows"]) == {"derived", "wider", "half-lr"}
     best = max(row["valid"]["ndcg@10"] for row in result["rows"].values())
