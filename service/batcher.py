@@ -3,8 +3,9 @@ and the engine runs it in a worker thread so the event loop stays free. Up to `e
 batches run at once (onnxruntime sessions are thread-safe): while one batch computes, the next one
 starts on a free worker instead of queueing behind it.
 
-Every wait is bounded: a full queue is refused at once (QueueFull -> 429), a request past its
-deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
+Every wait is bounded: a request that would miss the latency budget (OverBudget, see
+service/admission.py) or finds the queue full (QueueFull) is refused at once (429), a request past
+its deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.admission import AdmissionController
 from service.engine import BeamEngine
 from service.metrics import ServiceMetrics
 
@@ -32,10 +34,24 @@ class BatcherError(Exception):
     """A request the batcher could not serve; the route maps each kind to a status."""
 
 
-class QueueFull(BatcherError):
-    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
-        super().__init__(f"server is at capacity ({queue_size} requests queued); retry after {retry_after_s}s")
+class OverCapacity(BatcherError):
+    """Refused before queueing (429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueFull(OverCapacity):
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"server is at capacity ({queue_size} requests queued); retry after {retry_after_s}s",
+                         retry_after_s)
+
+
+class OverBudget(OverCapacity):
+    def __init__(self, expected_s: float, budget_s: float, retry_after_s: int) -> None:
+        super().__init__(f"server is at capacity: the answer would take about {expected_s * 1e3:.0f} ms against a "
+                         f"latency budget of {budget_s * 1e3:.0f} ms; retry after {retry_after_s}s", retry_after_s)
 
 
 class DeadlineExceeded(BatcherError):
@@ -167,6 +183,7 @@ class MicroBatcher:
         engine_nice: int = 0,
         pin_engine_threads: bool | None = False,
         close_when_none_coming: bool = True,
+        admission: AdmissionController | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -177,6 +194,7 @@ class MicroBatcher:
         self.max_queue_size = max_queue_size
         self.engine_workers = engine_workers
         self._metrics = metrics
+        self.admission = admission
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
         self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine",
                                             initializer=EngineThreadSetup(engine_nice, pin_engine_threads, engine_workers))
@@ -211,8 +229,9 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
         self._accepting = True
 
-    async def submit(self, history: np.ndarray, deadline: float) -> SearchResult:
-        """Queue one history and wait for its result until `deadline` (event-loop time)."""
+    async def submit(self, history: np.ndarray, deadline: float, arrived_at: float | None = None) -> SearchResult:
+        """Queue one history and wait for its result until `deadline` (event-loop time). arrived_at
+        (event-loop time the request arrived) counts its time so far against the latency budget."""
         if not self._accepting:
             self._reject("draining")
             raise BatcherClosed()
@@ -221,6 +240,12 @@ class MicroBatcher:
         if deadline <= now:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
+        if self.admission is not None and self.admission.enabled:
+            spent = now - arrived_at if arrived_at is not None else 0.0
+            decision = self.admission.decide(self._queue.qsize(), len(self._running), spent)
+            if not decision.admitted:
+                self._reject("over_budget")
+                raise OverBudget(spent + decision.expected_s, self.admission.budget_s, decision.retry_after_s)
         request = PendingRequest(history, deadline, now, loop.create_future())
         try:
             self._queue.put_nowait(request)
@@ -331,7 +356,10 @@ class MicroBatcher:
         except Exception as error:
             batch.fail(error)
             raise
-        batch.complete(item_indices, scores, started_at, loop.time() - started_at)
+        batch_s = loop.time() - started_at
+        if self.admission is not None:
+            self.admission.observe_batch(batch_s)
+        batch.complete(item_indices, scores, started_at, batch_s)
 
     def _search(self, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Runs in an engine worker thread."""

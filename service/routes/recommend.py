@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 
 from service.deps import Serving, ServingDep
 from service.history import HistoryStoreError
-from service.schemas import ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
+from service.schemas import AUTH_RESPONSES, ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
 
 router = APIRouter(tags=["recommend"])
 
@@ -19,7 +19,7 @@ _PREVIEW = 10  # unknown ids quoted in a warning
 @router.post(
     "/recommend",
     response_model=RecommendResponse,
-    responses=ERROR_RESPONSES,
+    responses=ERROR_RESPONSES | AUTH_RESPONSES,
     summary="Recommend the next items for a history or a user",
 )
 async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
@@ -44,7 +44,7 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     excluded = set(known) if body.exclude_history else set()
 
     if model_history:
-        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline)
+        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline, arrived_at=started)
         metrics.stages["queue"].observe(result.queue_wait_s)
         metrics.stages["engine"].observe(result.engine_s)
         response_started = loop.time()
