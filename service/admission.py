@@ -2,7 +2,7 @@
 
 A bounded queue alone admits a request whenever there is room, so under overload every accepted
 request waits out the whole queue (hundreds of ms against a 50 ms budget). Here a request is
-admitted only if the time it has already spent plus the time it is expected to take still fits the
+admitted only if the time it is expected to take from joining the queue to its answer fits the
 budget. The expected time comes from what the batcher measures, not from a guess:
 
     batch_s  = EWMA of the wall time of an engine call (dispatch to result), per batch
@@ -68,10 +68,11 @@ class AdmissionController:
         window = self.max_wait_s if rounds_before == 0 else 0.0
         return window + (rounds_before + 1) * self.batch_s
 
-    def decide(self, queued: int, busy_workers: int, spent_s: float) -> AdmissionDecision:
-        """spent_s: time the request has already spent in the service (reading its history)."""
+    def decide(self, queued: int, busy_workers: int) -> AdmissionDecision:
+        """Time spent before the queue (reading the history) is not counted: a request slowed by a
+        hanging store is still served, degraded, if the engine has room for it."""
         expected = self.expected_s(queued, busy_workers)
-        if not self.enabled or spent_s + expected <= self.budget_s:
+        if not self.enabled or expected <= self.budget_s:
             return AdmissionDecision(True, expected, 0)
         # When the queue ahead of it will have drained; whole seconds for Retry-After, at least 1.
         return AdmissionDecision(False, expected, max(1, math.ceil(expected)))

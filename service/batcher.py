@@ -229,9 +229,8 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
         self._accepting = True
 
-    async def submit(self, history: np.ndarray, deadline: float, arrived_at: float | None = None) -> SearchResult:
-        """Queue one history and wait for its result until `deadline` (event-loop time). arrived_at
-        (event-loop time the request arrived) counts its time so far against the latency budget."""
+    async def submit(self, history: np.ndarray, deadline: float) -> SearchResult:
+        """Queue one history and wait for its result until `deadline` (event-loop time)."""
         if not self._accepting:
             self._reject("draining")
             raise BatcherClosed()
@@ -241,11 +240,10 @@ class MicroBatcher:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
         if self.admission is not None and self.admission.enabled:
-            spent = now - arrived_at if arrived_at is not None else 0.0
-            decision = self.admission.decide(self._queue.qsize(), len(self._running), spent)
+            decision = self.admission.decide(self._queue.qsize(), len(self._running))
             if not decision.admitted:
                 self._reject("over_budget")
-                raise OverBudget(spent + decision.expected_s, self.admission.budget_s, decision.retry_after_s)
+                raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
         request = PendingRequest(history, deadline, now, loop.create_future())
         try:
             self._queue.put_nowait(request)

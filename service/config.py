@@ -73,9 +73,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(10.0, ge=0)
 
     # --- overload: admission by expected latency --------------------------------------------------
-    # A /recommend whose expected latency (time spent so far + the batches ahead of it x the measured
-    # batch time) passes this budget gets 429 at once instead of waiting past it. 0 -> off (then only
-    # max_queue_size and request_timeout_ms bound the wait).
+    # A /recommend whose expected latency from joining the queue to its answer (the batches ahead of it
+    # x the measured batch time, service/admission.py) passes this budget gets 429 at once instead of
+    # waiting past it. 0 -> off (then only max_queue_size and request_timeout_ms bound the wait).
     latency_budget_ms: float = Field(50.0, ge=0)
 
     # --- shutdown ---------------------------------------------------------------------------------

@@ -238,7 +238,7 @@ class DurableEventWriter:
     cannot be down) it is a plain idempotent append."""
 
     def __init__(self, store: HistoryStore, spool: EventSpool | None, metrics: ServiceMetrics, *,
-                 retry_interval_s: float = 0.25, max_retry_interval_s: float = 2.0, replay_chunk: int = 256) -> None:
+                 retry_interval_s: float = 0.1, max_retry_interval_s: float = 1.0, replay_chunk: int = 256) -> None:
         self.store = store
         self.spool = spool
         self.metrics = metrics
@@ -305,28 +305,28 @@ class DurableEventWriter:
         return replayed
 
     async def _replay_forever(self) -> None:
+        assert self.spool is not None
         interval = self.retry_interval_s
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._wake.wait()
+            await self._wake.wait()  # set when an event is spooled
             self._wake.clear()
-            if not self.spool or not self.spool.pending:
-                continue
-            try:
-                replayed = await self.replay_once()
-            except HistoryStoreUnavailable:
-                interval = min(interval * 2, self.max_retry_interval_s)  # Redis still down: back off
-                continue
-            except HistoryStoreError as error:  # a server-side error: keep the events, say so loudly
-                log.error("event spool replay failed, %d event(s) kept: %s", self.spool.pending, error)
-                interval = self.max_retry_interval_s
-                continue
-            interval = self.retry_interval_s
-            if replayed:
-                log.info("event spool: %d event(s) written to Redis", replayed)
-            if self.spool.pending:  # events spooled while the last chunk was in flight
-                self._wake.set()
+            while self.spool.pending:
+                try:
+                    replayed = await self.replay_once()
+                except HistoryStoreUnavailable:
+                    # Redis still away: retry on a timer (new spooled events do not make it sooner).
+                    await asyncio.sleep(interval)
+                    interval = min(interval * 2, self.max_retry_interval_s)
+                    continue
+                except HistoryStoreError as error:  # a server-side error: keep the events, say so loudly
+                    log.error("event spool replay failed, %d event(s) kept: %s", self.spool.pending, error)
+                    await asyncio.sleep(self.max_retry_interval_s)
+                    continue
+                interval = self.retry_interval_s
+                if replayed:
+                    log.info("event spool: %d event(s) written to Redis", replayed)
+                elif self.spool.pending:  # only events still being fsynced: they are durable in a moment
+                    await asyncio.sleep(0.005)
 
     async def close(self, timeout_s: float) -> None:
         """Stop the replay task, then replay what is left within timeout_s; what Redis does not take

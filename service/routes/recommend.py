@@ -44,7 +44,7 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     excluded = set(known) if body.exclude_history else set()
 
     if model_history:
-        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline, arrived_at=started)
+        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline)
         metrics.stages["queue"].observe(result.queue_wait_s)
         metrics.stages["engine"].observe(result.engine_s)
         response_started = loop.time()

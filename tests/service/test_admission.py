@@ -51,21 +51,21 @@ def test_a_batch_that_starts_at_once_adds_the_batching_window() -> None:
 
 def test_the_batch_time_is_an_ewma_and_nothing_is_refused_before_the_first_batch() -> None:
     admission = controller(batch_s=None)
-    assert admission.expected_s(10_000, 2) == 0.0 and admission.decide(10_000, 2, 0.0).admitted
+    assert admission.expected_s(10_000, 2) == 0.0 and admission.decide(10_000, 2).admitted
     admission.observe_batch(0.010)
     admission.observe_batch(0.020)
     assert admission.batch_s == pytest.approx(0.010 + 0.2 * 0.010)
 
 
-def test_decide_counts_the_time_already_spent_and_says_when_to_retry() -> None:
+def test_decide_compares_the_expected_latency_with_the_budget_and_says_when_to_retry() -> None:
     admission = controller(budget_s=0.05, batch_s=0.02)
-    assert admission.decide(0, 2, spent_s=0.0).admitted  # 40 ms expected
-    late = admission.decide(0, 2, spent_s=0.02)  # 20 + 40 > 50
-    assert not late.admitted and late.expected_s == pytest.approx(0.04) and late.retry_after_s == 1
-    swamped = controller(budget_s=0.05, batch_s=1.0).decide(64, 2, 0.0)
+    assert admission.decide(0, 2).admitted  # 40 ms expected
+    late = admission.decide(16, 2)  # third batch round: 60 ms > 50
+    assert not late.admitted and late.expected_s == pytest.approx(0.06) and late.retry_after_s == 1
+    swamped = controller(budget_s=0.05, batch_s=1.0).decide(64, 2)
     # 8 batches ahead, no free worker: the computing round + 4 rounds of 2 batches, then its own: 6 s
     assert not swamped.admitted and swamped.retry_after_s == 6
-    assert controller(budget_s=0.0, batch_s=1.0).decide(64, 2, 0.0).admitted  # budget 0: off
+    assert controller(budget_s=0.0, batch_s=1.0).decide(64, 2).admitted  # budget 0: off
 
 
 def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
