@@ -9,6 +9,9 @@ Signals:
 
 Connections: keep-alive idle timeout, a cap on open connections (uvicorn answers 503 beyond it),
 and the header size and read time limits of service/clients.py.
+
+Startup: a failure the operator fixes by configuration (a bundle that is missing, unreadable or
+corrupt; a corrupt event spool) is logged as one line saying what to fix, not a traceback.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.clients import bounded_protocol
 from service.config import Settings
@@ -50,13 +54,40 @@ class DrainingServer(uvicorn.Server):
         self._drain_timer.start()
 
 
+# The exceptions whose message says what to fix (the last line of a startup traceback starts so).
+_CONFIGURATION_ERRORS = ("service.bundle.BundleError", "service.spool.SpoolCorrupt", "FileNotFoundError",
+                         "PermissionError")
+
+
+class OneLineStartupErrors:
+    """Shortens a configuration error at startup to its last line ("BundleError: <what to fix>");
+    any other startup failure keeps its traceback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_short(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed":
+                lines = str(message.get("message", "")).strip().splitlines()
+                if lines and lines[-1].startswith(_CONFIGURATION_ERRORS):
+                    message = {**message, "message": f"cannot start: {lines[-1]}"}
+            await send(message)
+
+        await self.app(scope, receive, send_short)
+
+
 def _ignore_sighup(sig: int, frame: FrameType | None) -> None:
     log.info("SIGHUP ignored: send SIGTERM to drain and stop")
 
 
 def build_server(app: FastAPI, settings: Settings) -> DrainingServer:
     config = uvicorn.Config(
-        app,
+        OneLineStartupErrors(app),
         host=settings.host,
         port=settings.port,
         access_log=settings.access_log,

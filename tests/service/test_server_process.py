@@ -177,3 +177,19 @@ def test_sigterm_turns_readiness_off_first_keeps_serving_then_exits(start_servic
         served = outcomes.count("200")
     assert not broken, broken  # every request was answered 200 or refused at connect, none cut
     assert served > 4
+
+
+def test_a_bundle_that_cannot_be_loaded_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GENREC_")}
+    env.update(GENREC_BUNDLE_DIR=str(tmp_path / "no-bundle"), GENREC_HOST="127.0.0.1", GENREC_PORT=str(free_port()),
+               PYTHONPATH=str(REPO_ROOT))
+    result = subprocess.run([sys.executable, "-m", "service"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 3
+    assert "cannot start: service.bundle.BundleError:" in result.stderr and "no manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr
