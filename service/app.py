@@ -51,7 +51,8 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
                         "/users/{id}/events are open to anyone who can reach this port")
         serving = await start_serving(settings, metrics, history_store, state)
         state.serving = serving
-        state.accepting = state.ready = True
+        state.accepting = True
+        state.ready = not state.draining  # a stop signal during startup keeps it out of rotation
         log.info("serving %s/%s with %s engine on %s", serving.bundle.name, serving.bundle.version,
                  serving.engine_kind, serving.engine.provider)
         try:

@@ -109,8 +109,9 @@ class Settings(BaseSettings):
     client_burst: int = Field(50, ge=1)
     # A request whose header block is larger gets 431 and the connection is closed.
     max_header_bytes: int = Field(16 * 1024, ge=1024)
-    # A request must be read whole (headers and body) within this many seconds of its first byte
-    # (of the connection, for the first request), else 408 and the connection is closed.
+    # A request's headers must arrive within this many seconds (from the connection's opening for its
+    # first request, from the first byte for later ones), and then its body within as many again;
+    # else 408 and the connection is closed (a connection that sent nothing is just closed).
     request_read_timeout_s: float = Field(10.0, gt=0)
     # An idle keep-alive connection is closed after this many seconds.
     keep_alive_timeout_s: float = Field(5.0, gt=0)

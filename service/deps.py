@@ -61,10 +61,12 @@ class AppState:
     serving: Serving | None = None
     ready: bool = False  # what /health/ready says
     accepting: bool = False  # whether routes take work: stays true through the drain period
+    draining: bool = False  # a stop signal came: never ready again
     not_ready_reason: str = "starting: loading the bundle"
 
     def start_draining(self) -> None:
         """Readiness off (a load balancer stops sending), work still taken until the server stops."""
+        self.draining = True
         self.ready = False
         self.not_ready_reason = "draining: shutting down"
 
