@@ -44,7 +44,7 @@ import numpy as np
 from bench_common import HISTORY, K, P99_BUDGET_MS, REPO, log, table  # noqa: F401  (sys.path set up)
 
 import loadgen  # noqa: E402
-from serving_harness import Service, free_port, request_factory, seed_users, stop  # noqa: E402
+from serving_harness import Service, breakdown, free_port, request_factory, seed_users, stop  # noqa: E402
 
 from service.bundle import Bundle, load_bundle  # noqa: E402
 from service.config import find_newest_bundle  # noqa: E402
@@ -138,7 +138,7 @@ def measure_peak(svc: Service, make, seconds: float) -> float:
     return result.achieved_rps
 
 
-def overload_row(policy: str, result: loadgen.LoadResult) -> dict:
+def overload_row(policy: str, result: loadgen.LoadResult, stages: dict) -> dict:
     sent = result.sent or 1
     ok = result.ok
     rejected = result.statuses.get(429, 0)
@@ -151,6 +151,10 @@ def overload_row(policy: str, result: loadgen.LoadResult) -> dict:
         if result.latencies_s else None,
         "rejected_429_share": round(rejected / sent, 3), "other_failures": other,
         "goodput_rps": round(within / result.duration_s, 1),
+        "client_late_starts": result.late_starts,  # arrivals this client itself sent > 5 ms late (busy cores)
+        # where an accepted request's time went, service side (means): the rest is outside the route
+        "service_ms": _round(stages.get("service_ms")), "queue_ms": _round(stages.get("queue_ms")),
+        "engine_ms": _round(stages.get("engine_ms")), "batch": _round(stages.get("mean_batch")),
     }
 
 
@@ -161,8 +165,10 @@ def overload(bundle_dir: Path, redis: Redis, work: Path, user_ids: list[str], pe
         try:
             make = request_factory(svc.port, user_ids, seed=1)
             loadgen.run(loadgen.open_loop(HOST, svc.port, make, peak_rps * 0.5, 1.0, seed=2))  # warm
+            before = svc.metrics()
             result = loadgen.run(loadgen.open_loop(HOST, svc.port, make, 2 * peak_rps, seconds, seed=3))
-            rows.append(overload_row(policy, result))
+            stages = breakdown(before, svc.metrics(), result.summary()["mean_ms"])
+            rows.append(overload_row(policy, result, stages))
         finally:
             svc.stop()
     table(f"overload: open loop at 2x peak ({2 * peak_rps:.0f} req/s) for {seconds:g} s, same load, one run",
@@ -461,8 +467,9 @@ SERVING_SIZED = ["model.d_model=128", "model.d_ff=512", "model.n_heads=4", "mode
 
 
 def build_serving_sized_bundle(work: Path) -> Path:
-    """A bundle of the serving benchmark's model size on a synthetic catalog of 2,000 items (about a
-    minute): the tiny test bundle answers so fast that the HTTP layer, not the engine, saturates first."""
+    """A bundle of the serving benchmark's model size on a synthetic catalog of 2,000 items (minutes
+    on 2 busy cores; --bundle reuses one): the tiny test bundle answers so fast that the HTTP layer,
+    not the engine, saturates first."""
     from training.configs import apply_overrides, get_config
     from training.data import make_synthetic_dataset, write_dataset
     from training.pipeline import run_pipeline

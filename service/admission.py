@@ -70,9 +70,13 @@ class AdmissionController:
 
     def decide(self, queued: int, busy_workers: int) -> AdmissionDecision:
         """Time spent before the queue (reading the history) is not counted: a request slowed by a
-        hanging store is still served, degraded, if the engine has room for it."""
+        hanging store is still served, degraded, if the engine has room for it. A request that a free
+        worker takes at once is always admitted: refusing it would make no one faster, and on a
+        machine where one batch takes longer than the budget it keeps the service answering (and
+        measuring: with nothing admitted the batch time would never be measured again)."""
         expected = self.expected_s(queued, busy_workers)
-        if not self.enabled or expected <= self.budget_s:
+        starts_at_once = queued // self.max_batch_size < self.engine_workers - busy_workers
+        if not self.enabled or starts_at_once or expected <= self.budget_s:
             return AdmissionDecision(True, expected, 0)
         # When the queue ahead of it will have drained; whole seconds for Retry-After, at least 1.
         return AdmissionDecision(False, expected, max(1, math.ceil(expected)))

@@ -239,11 +239,7 @@ class MicroBatcher:
         if deadline <= now:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
-        if self.admission is not None and self.admission.enabled:
-            decision = self.admission.decide(self._queue.qsize(), len(self._running))
-            if not decision.admitted:
-                self._reject("over_budget")
-                raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
+        self.check_admission()
         request = PendingRequest(history, deadline, now, loop.create_future())
         try:
             self._queue.put_nowait(request)
@@ -257,6 +253,17 @@ class MicroBatcher:
         except TimeoutError:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed waiting for the engine") from None
+
+    def check_admission(self) -> None:
+        """Raise OverBudget if a request joining the queue now would miss the latency budget. The
+        route asks once before it reads the history (a refusal then costs no Redis round trip) and
+        submit asks again, as the queue may have grown meanwhile."""
+        if self.admission is None or not self.admission.enabled:
+            return
+        decision = self.admission.decide(self._queue.qsize(), len(self._running))
+        if not decision.admitted:
+            self._reject("over_budget")
+            raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
 
     async def close(self, timeout_s: float) -> None:
         """Stop accepting, finish what is queued within timeout_s, fail the rest with BatcherClosed."""

@@ -29,6 +29,8 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     metrics = serving.metrics
     warnings: list[str] = []
 
+    if body.history or body.user_id is not None:  # headed for the engine: refuse before a Redis round trip
+        serving.batcher.check_admission()
     with serving.batcher.coming():
         raw_history, degraded = await _resolve_history(body, serving, warnings)
     history_done = loop.time()

@@ -4,6 +4,8 @@ route's 429. Speed under real overload is measured by benchmarks/bench_overload.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,12 @@ def test_decide_compares_the_expected_latency_with_the_budget_and_says_when_to_r
     assert controller(budget_s=0.0, batch_s=1.0).decide(64, 2).admitted  # budget 0: off
 
 
+def test_a_request_a_free_worker_takes_at_once_is_admitted_even_past_the_budget() -> None:
+    slow = controller(budget_s=0.05, batch_s=0.2)  # one batch alone takes 4x the budget
+    assert slow.decide(0, 1).admitted and slow.decide(7, 0).admitted  # a worker is free for its batch
+    assert not slow.decide(0, 2).admitted and not slow.decide(16, 1).admitted  # it would wait for one
+
+
 def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
     async def main() -> None:
         engine = FakeEngine()
@@ -97,11 +105,33 @@ def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
 
 
 def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir: Path, demo_bundle: Bundle) -> None:
-    with TestClient(create_app(make_settings(demo_bundle_dir, latency_budget_ms=50))) as client:
+    settings = make_settings(demo_bundle_dir, latency_budget_ms=50, engine_workers=2, max_batch_size=1)
+    with TestClient(create_app(settings)) as client:
         history = [demo_bundle.item_ids[int(i)] for i in demo_bundle.popularity[:3]]
         assert client.post("/recommend", json={"history": history, "k": 3}).status_code == 200
-        admission = client.app.state.genrec.serving.batcher.admission  # type: ignore[attr-defined]
-        admission.batch_s = 2.0  # as if each batch took 2 s: any request would miss 50 ms
-        response = client.post("/recommend", json={"history": history, "k": 3})
-        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 2  # about when it clears
+        batcher = client.app.state.genrec.serving.batcher  # type: ignore[attr-defined]
+        release = threading.Event()
+        search = batcher.engine.search
+
+        def held_search(histories):  # both workers compute until released
+            release.wait(30)
+            return search(histories)
+
+        batcher.engine.search = held_search
+        batcher.admission.batch_s = 2.0  # as if each batch took 2 s
+        holders = [threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": history}})
+                   for _ in range(2)]
+        for holder in holders:
+            holder.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(batcher._running) < 2:  # both workers busy
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            response = client.post("/recommend", json={"history": history, "k": 3})
+        finally:
+            release.set()
+            for holder in holders:
+                holder.join()
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 4  # two rounds of 2 s
         assert "latency budget of 50 ms" in response.json()["detail"]
