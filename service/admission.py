@@ -6,9 +6,11 @@ admitted only if the time it is expected to take from joining the queue to its a
 budget. The expected time comes from what the batcher measures, not from a guess:
 
     batch_s  = EWMA of the wall time of an engine call (dispatch to result), per batch
-    ahead    = batches before the request's own: full batches queued ahead of it, plus one round
-               for the batches computing now when no worker is free
-    expected = (rounds of `engine_workers` batches before its batch starts + its own) x batch_s
+    own      = queued // max_batch_size: its batch among the queued ones
+    start    = 0 when a free worker takes its batch; else the time until the first computing batch
+               ends (batch_s less how long it has run), plus one batch_s per round of
+               `engine_workers` batches queued ahead of it
+    expected = start + batch_s
 
 The estimate uses full-batch times under load (where it matters, batches are full) and is pure
 arithmetic on numbers the batcher hands in, so tests drive it without a clock.
@@ -51,30 +53,27 @@ class AdmissionController:
         else:
             self.batch_s += self.ewma_weight * (seconds - self.batch_s)
 
-    def expected_s(self, queued: int, busy_workers: int) -> float:
+    def expected_s(self, queued: int, busy_workers: int, longest_running_s: float = 0.0) -> float:
         """Expected time until a request joining now is answered: `queued` requests are ahead of it
-        in the queue and `busy_workers` engine workers are computing."""
+        in the queue, `busy_workers` engine workers are computing, the one computing longest has
+        run `longest_running_s` (0: count a whole batch for it)."""
         if self.batch_s is None:
             return 0.0
-        own_batch = queued // self.max_batch_size  # index of its batch among the queued ones
+        own_batch = queued // self.max_batch_size
         free_workers = max(self.engine_workers - busy_workers, 0)
         if own_batch < free_workers:
-            rounds_before = 0  # a free worker takes its batch at once
-        else:
-            # Its batch waits for a worker: the computing round ends, then every round of
-            # `engine_workers` batches queued ahead of it.
-            rounds_before = 1 + (own_batch - free_workers) // self.engine_workers
-        # A batch that starts at once may still wait out the batching window.
-        window = self.max_wait_s if rounds_before == 0 else 0.0
-        return window + (rounds_before + 1) * self.batch_s
+            return self.max_wait_s + self.batch_s  # a free worker takes it, after the batching window
+        first_free_s = max(self.batch_s - longest_running_s, 0.0)
+        rounds_queued_ahead = (own_batch - free_workers) // self.engine_workers
+        return first_free_s + rounds_queued_ahead * self.batch_s + self.batch_s
 
-    def decide(self, queued: int, busy_workers: int) -> AdmissionDecision:
+    def decide(self, queued: int, busy_workers: int, longest_running_s: float = 0.0) -> AdmissionDecision:
         """Time spent before the queue (reading the history) is not counted: a request slowed by a
         hanging store is still served, degraded, if the engine has room for it. A request that a free
         worker takes at once is always admitted: refusing it would make no one faster, and on a
         machine where one batch takes longer than the budget it keeps the service answering (and
         measuring: with nothing admitted the batch time would never be measured again)."""
-        expected = self.expected_s(queued, busy_workers)
+        expected = self.expected_s(queued, busy_workers, longest_running_s)
         starts_at_once = queued // self.max_batch_size < self.engine_workers - busy_workers
         if not self.enabled or starts_at_once or expected <= self.budget_s:
             return AdmissionDecision(True, expected, 0)

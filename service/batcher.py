@@ -201,6 +201,7 @@ class MicroBatcher:
         # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
         self._free_workers = asyncio.Semaphore(engine_workers)
         self._running: set[asyncio.Task[None]] = set()
+        self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> event-loop time it started
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
         self.close_when_none_coming = close_when_none_coming
@@ -260,7 +261,9 @@ class MicroBatcher:
         submit asks again, as the queue may have grown meanwhile."""
         if self.admission is None or not self.admission.enabled:
             return
-        decision = self.admission.decide(self._queue.qsize(), len(self._running))
+        now = asyncio.get_running_loop().time()
+        longest_running_s = now - min(self._started_at.values()) if self._started_at else 0.0
+        decision = self.admission.decide(self._queue.qsize(), len(self._running), longest_running_s)
         if not decision.admitted:
             self._reject("over_budget")
             raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
@@ -299,7 +302,8 @@ class MicroBatcher:
                 raise
             task = asyncio.create_task(self._run_and_release(requests, loop), name="genrec-batch")
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._started_at[task] = loop.time()
+            task.add_done_callback(self._batch_done)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[PendingRequest]:
         first = await self._queue.get()
@@ -373,6 +377,10 @@ class MicroBatcher:
         if self._metrics is not None:
             self._metrics.engine_compute.observe(time.perf_counter() - started)
         return result
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._started_at.pop(task, None)
 
     def _reject(self, reason: str) -> None:
         if self._metrics is not None:

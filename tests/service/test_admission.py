@@ -45,6 +45,16 @@ def test_expected_latency_counts_the_rounds_of_batches_ahead(queued: int, busy: 
     assert controller().expected_s(queued, busy) == pytest.approx(rounds * 0.01)
 
 
+def test_a_computing_batch_counts_only_its_remaining_time() -> None:
+    admission = controller(batch_s=0.04)
+    assert admission.expected_s(0, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04)
+    assert admission.expected_s(16, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04 + 0.04)
+    assert admission.expected_s(0, 2, longest_running_s=0.5) == pytest.approx(0.04)  # overdue: ends any moment
+    assert admission.expected_s(0, 1, longest_running_s=0.03) == pytest.approx(0.04)  # a free worker takes it
+    assert admission.decide(0, 2, longest_running_s=0.03).admitted  # 50 ms: within the budget
+    assert not admission.decide(0, 2, longest_running_s=0.0).admitted  # 80 ms
+
+
 def test_a_batch_that_starts_at_once_adds_the_batching_window() -> None:
     admission = controller(max_wait_s=0.002)
     assert admission.expected_s(0, 0) == pytest.approx(0.012)
@@ -81,14 +91,14 @@ def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
         engine = FakeEngine()
         engine.release.clear()  # the engine holds its first batch until released
         metrics = ServiceMetrics()
-        admission = controller(budget_s=0.05, batch_size=1, workers=1, batch_s=0.03)
+        admission = controller(budget_s=0.05, batch_size=1, workers=1, batch_s=1.0)  # a batch takes 1 s
         batcher = MicroBatcher(engine, max_batch_size=1, max_wait_ms=0, max_queue_size=64, admission=admission,
                                metrics=metrics)
         await batcher.start()
         loop = asyncio.get_running_loop()
         first = asyncio.create_task(batcher.submit(np.array([1]), loop.time() + 10))
         await asyncio.to_thread(engine.entered.wait, 10)  # computing: no worker free
-        # Expected: the computing round, then its own batch = 60 ms > 50 ms.
+        # Expected: the rest of the computing batch (about 1 s), then its own: about 2 s > 50 ms.
         with pytest.raises(OverBudget, match="latency budget of 50 ms"):
             await batcher.submit(np.array([2]), loop.time() + 10)
         assert batcher.queue_size == 0  # refused, not queued
@@ -133,5 +143,6 @@ def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir
             release.set()
             for holder in holders:
                 holder.join()
-        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 4  # two rounds of 2 s
+        # the rest of the computing round (up to 2 s) and its own batch (2 s)
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 3
         assert "latency budget of 50 ms" in response.json()["detail"]
