@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -128,7 +129,7 @@ class EventSpool:
 
     def peek(self, limit: int) -> list[SpooledEvent]:
         """The first `limit` durable events not yet replayed, in order."""
-        return [event for event, _ in list(self._pending)[:limit]]
+        return [event for event, _ in itertools.islice(self._pending, limit)]
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -187,7 +188,10 @@ class EventSpool:
         self._replayed_to = end
         async with self._file_lock:
             if not self.pending:
+                # Events appended meanwhile wait for the lock; their bytes stay counted in _size.
+                truncated, self._replayed_to = self._size, 0
                 await asyncio.to_thread(self._truncate)
+                self._size -= truncated
             else:
                 await asyncio.to_thread(self._write_offset, end)
 
@@ -195,8 +199,6 @@ class EventSpool:
         # File first, then the offset: a crash in between leaves an offset past the end, read as 0.
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
-        self._size = 0
-        self._replayed_to = 0
         self._write_offset(0)
 
     def _write_offset(self, offset: int) -> None:
