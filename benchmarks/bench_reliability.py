@@ -211,11 +211,13 @@ class MixedLoad:
             for _attempt in range(50):  # a client retries until acknowledged (bounded)
                 status, answer = await _send(pool, raw)
                 if status == 200:
+                    # Acknowledged: in Redis or the spool exactly once from here on. "duplicate" means
+                    # the id was recorded already: by an earlier attempt of this client, or by a timed
+                    # out first try of the service's own Redis write inside this request.
                     outcome = json.loads(answer)
                     key = "duplicate" if outcome["duplicate"] else outcome["status"]
                     self.statuses[key] = self.statuses.get(key, 0) + 1
-                    if not outcome["duplicate"]:
-                        self.acked.setdefault(user, []).append(item)
+                    self.acked.setdefault(user, []).append(item)
                     break
                 self.failed_event_writes += 1
                 await asyncio.sleep(0.05)

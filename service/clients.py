@@ -249,14 +249,18 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     max_header_bytes = 16 * 1024
     read_timeout_s = 10.0
+    linger_s = 1.0  # after a refusal: time for the client to read it before the socket closes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._header_bytes = 0
         self._reading_headers = True
+        self._refused = False
         self._header_timer: asyncio.TimerHandle | None = self.loop.call_later(self.read_timeout_s, self._headers_too_slow)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered already; the rest of what it sends is dropped
         super().data_received(data)
         if self._reading_headers and not self.transport.is_closing():
             self._header_bytes += len(data)  # the chunk that completes the headers is not counted
@@ -300,9 +304,16 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                                                  "(GENREC_REQUEST_READ_TIMEOUT_S)")
 
     def _refuse(self, status: int, reason: str, detail: str) -> None:
+        """Answer, then close gently: closing at once with unread input makes the kernel send a reset,
+        which can destroy the answer before the client reads it. So: half-close (FIN), stop reading,
+        and close after linger_s."""
         self._cancel_header_timer()
+        self._refused = True
         self.transport.write(_raw_response(status, reason, detail))
-        self.transport.close()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.transport.pause_reading()
+        self.loop.call_later(self.linger_s, self.transport.close)
 
 
 def bounded_protocol(max_header_bytes: int, read_timeout_s: float) -> type[BoundedHttpToolsProtocol]:

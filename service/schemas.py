@@ -138,7 +138,11 @@ class EventsResponse(BaseModel):
         "service's fsynced spool and will be written to Redis, in order, when it is back."
     )
     event_id: str = Field(description="The idempotency key used: the one sent, else one the service chose.")
-    duplicate: bool = Field(description="True when this event_id was already recorded; nothing was appended.")
+    duplicate: bool = Field(
+        description="True when this event_id was already recorded (by an earlier request, or by this request's own "
+        "first write to Redis, which timed out and was retried); nothing more was appended. Either way the event is "
+        "recorded once."
+    )
 
 
 class ErrorResponse(BaseModel):
