@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_common import HISTORY, K, P99_BUDGET_MS, REPO, log, table  # noqa: F401  (sys.path set up)
+from bench_common import P99_BUDGET_MS, REPO, log, table  # first: puts the repository and benchmarks/ on sys.path
 
 import loadgen  # noqa: E402
 from serving_harness import Service, breakdown, free_port, request_factory, seed_users, stop  # noqa: E402
