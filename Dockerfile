@@ -67,7 +67,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN groupadd --system --gid 10001 genrec \
     && useradd --system --uid 10001 --gid genrec --home-dir /app --no-create-home \
        --shell /usr/sbin/nologin genrec \
-    && mkdir -p /app/models \
+    && mkdir -p /app/models /app/spool \
     && chown -R genrec:genrec /app
 
 COPY --from=builder /opt/venv /opt/venv

@@ -102,3 +102,10 @@ bench-decode-temperature: $(STAMP)
 .PHONY: bench-scaleout
 bench-scaleout: $(STAMP) system-deps
 	$(BIN)/python benchmarks/bench_scaleout.py --seconds $(or $(SECONDS),20) $(if $(BUNDLE),--bundle $(BUNDLE),)
+
+# Reliability under faults, on loopback: 2x-peak overload (old vs new admission policy side by side), Redis
+# SIGKILL/SIGSTOP under events + recommends, SIGTERM under load, a soak (SOAK seconds, default 180). Ends with
+# one JSON line. BUNDLE=dir picks the bundle (default: newest under models/, else a synthetic one is built).
+.PHONY: bench-reliability
+bench-reliability: $(STAMP) system-deps
+	$(BIN)/python benchmarks/bench_reliability.py $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(SOAK),--soak-seconds $(SOAK),)

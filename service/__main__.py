@@ -3,18 +3,16 @@ from __future__ import annotations
 
 import logging
 
-import uvicorn
-
 from service.app import create_app
 from service.config import Settings
+from service.server import serve
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     # One worker process: the batcher only batches what one process sees; scale out with replicas.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, access_log=settings.access_log,
-                timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5)
+    serve(create_app(settings), settings)
 
 
 if __name__ == "__main__":

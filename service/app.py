@@ -14,12 +14,17 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, QueueFull
+from service.admission import AdmissionController
+from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, OverCapacity
 from service.bundle import Bundle, load_bundle
+from service.clients import (API_KEY_HEADER, ApiKeys, ClientGateMiddleware, RequestBodyMiddleware, TokenBuckets,
+                             error_body, is_guarded_path)
 from service.config import Settings, engine_threads
 from service.deps import ApiError, AppState, Serving
 from service.engine import BeamEngine, OnnxBeamEngine
@@ -27,6 +32,7 @@ from service.history import CoalescingHistoryReader, HistoryStore, InMemoryHisto
 from service.metrics import ServiceMetrics
 from service.reference import ReferenceBeamEngine
 from service.routes import ROUTERS
+from service.spool import DurableEventWriter
 
 log = logging.getLogger("service")
 
@@ -36,20 +42,26 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     settings = settings if settings is not None else Settings()
     metrics = ServiceMetrics()
     state = AppState(settings=settings, metrics=metrics)
+    api_keys = ApiKeys.from_settings(settings.api_keys, settings.api_keys_file)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if not api_keys.enabled:
+            log.warning("no API keys configured (GENREC_API_KEYS, GENREC_API_KEYS_FILE): /recommend and "
+                        "/users/{id}/events are open to anyone who can reach this port")
         serving = await start_serving(settings, metrics, history_store, state)
         state.serving = serving
-        state.ready = True
+        state.accepting = True
+        state.ready = not state.draining  # a stop signal during startup keeps it out of rotation
         log.info("serving %s/%s with %s engine on %s", serving.bundle.name, serving.bundle.version,
                  serving.engine_kind, serving.engine.provider)
         try:
             yield
         finally:
-            state.ready = False
-            state.not_ready_reason = "draining: shutting down"
+            state.start_draining()
+            state.accepting = False
             await serving.batcher.close(settings.drain_timeout_s)
+            await serving.events.close(settings.drain_timeout_s)  # flush the spool into Redis if it is back
             await serving.store.close()
 
     app = FastAPI(
@@ -62,7 +74,17 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     for router in ROUTERS:
         app.include_router(router)
     _add_error_handlers(app)
-    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.openapi = lambda: _openapi(app, state)  # type: ignore[method-assign]
+    # Added innermost first: metrics see every answer, CORS answers preflights before the key check,
+    # the gate refuses before a body is read.
+    app.add_middleware(RequestBodyMiddleware, max_body_bytes=settings.max_body_bytes,
+                       read_timeout_s=settings.request_read_timeout_s, metrics=metrics)
+    app.add_middleware(ClientGateMiddleware, api_keys=api_keys,
+                       buckets=TokenBuckets(settings.client_rate_per_s, settings.client_burst), metrics=metrics)
+    origins = [origin.strip() for origin in settings.cors_origins.split(",") if origin.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", API_KEY_HEADER, "Idempotency-Key"], max_age=600)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)  # added last = outermost
     return app
 
@@ -81,6 +103,8 @@ async def start_serving(
     state.not_ready_reason = "starting: warm-up batch"
     await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
 
+    admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
+                                    settings.engine_workers, max_wait_s=settings.max_wait_ms / 1000.0)
     batcher = MicroBatcher(
         engine,
         max_batch_size=settings.max_batch_size,
@@ -90,12 +114,15 @@ async def start_serving(
         engine_nice=settings.engine_nice,
         pin_engine_threads=settings.pin_engine_threads,
         close_when_none_coming=settings.close_when_none_coming,
+        admission=admission,
         metrics=metrics,
     )
     await batcher.start()
     store = history_store if history_store is not None else build_store(settings, max_history)
     if not await store.ping():  # a store outage degrades answers, it does not block readiness
         log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
+    events = DurableEventWriter.for_store(store, settings.event_spool_path, settings.event_spool_max_bytes, metrics)
+    await events.start()
     metrics.set_model(bundle.name, bundle.version)
     # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
     # full collections (pauses in the request path) short.
@@ -108,6 +135,7 @@ async def start_serving(
         batcher=batcher,
         store=store,
         history_reader=CoalescingHistoryReader(store),
+        events=events,
         metrics=metrics,
         max_history=max_history,
     )
@@ -128,8 +156,10 @@ def build_store(settings: Settings, max_history: int) -> HistoryStore:
         return RedisHistoryStore.from_url(
             settings.redis_url, max_items=max_history, ttl_s=settings.history_ttl_s, timeout_ms=settings.redis_timeout_ms,
             cluster=settings.redis_cluster,
+            idempotency_window=settings.idempotency_window,
         )
-    return InMemoryHistoryStore(max_items=max_history, ttl_s=settings.history_ttl_s)
+    return InMemoryHistoryStore(max_items=max_history, ttl_s=settings.history_ttl_s,
+                                idempotency_window=settings.idempotency_window)
 
 
 def warm_up(engine: BeamEngine, bundle: Bundle, max_history: int, max_batch_size: int) -> None:
@@ -142,10 +172,6 @@ def warm_up(engine: BeamEngine, bundle: Bundle, max_history: int, max_batch_size
 
 
 # --- errors -------------------------------------------------------------------------------------
-
-def _error_body(detail: str, errors: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    return {"detail": detail, "errors": errors}
-
 
 _JSON_TYPE_NAMES = {"bool": "boolean", "float": "number", "NoneType": "null", "list": "array", "dict": "object",
                     "str": "string", "int": "integer"}
@@ -168,6 +194,8 @@ def describe_validation_errors(exc: RequestValidationError) -> tuple[str, list[d
             message = f"expected a JSON object with header Content-Type: application/json, such as {_EXAMPLE_BODY}"
         elif kind == "extra_forbidden":
             message = f"unknown field {loc[-1]!r}; remove it (see the OpenAPI schema at /docs for the fields)"
+        elif kind == "value_error":  # our validators' messages say what to change already
+            message = str((error.get("ctx") or {}).get("error", error.get("msg", "invalid value")))
         else:
             message = str(error.get("msg", "invalid value"))
             if "input" in error and kind.endswith("_type"):
@@ -183,87 +211,66 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail, entries = describe_validation_errors(exc)
-        return JSONResponse(_error_body(detail, entries), status_code=422)
+        # Not JSON at all is a malformed request (400); JSON with wrong values is unprocessable (422).
+        status = 400 if any(e["type"] == "json_invalid" for e in entries) else 422
+        return JSONResponse(error_body(detail, entries), status_code=status)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.detail, exc.errors), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(exc.detail, exc.errors), status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(QueueFull)
-    async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc)), status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+    @app.exception_handler(OverCapacity)
+    async def on_over_capacity(request: Request, exc: OverCapacity) -> JSONResponse:
+        return JSONResponse(error_body(str(exc)), status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
 
     @app.exception_handler(DeadlineExceeded)
     async def on_deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
         budget = app.state.genrec.settings.request_timeout_ms
         return JSONResponse(
-            _error_body(f"request deadline of {budget:g} ms passed ({exc}); the service is overloaded, retry later"),
+            error_body(f"request deadline of {budget:g} ms passed ({exc}); the service is overloaded, retry later"),
             status_code=503,
             headers={"Retry-After": "1"},
         )
 
     @app.exception_handler(BatcherClosed)
     async def on_closed(request: Request, exc: BatcherClosed) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc)), status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse(error_body(str(exc)), status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+        return JSONResponse(error_body(str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+# --- OpenAPI --------------------------------------------------------------------------------------
+
+def _openapi(app: FastAPI, state: AppState) -> dict[str, Any]:
+    """FastAPI's schema, plus the API key scheme on the guarded routes and, once a bundle is served,
+    examples made of its item ids (so every example the spec shows is accepted as it stands)."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+    schema.setdefault("components", {})["securitySchemes"] = {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": API_KEY_HEADER,
+                   "description": "Needed when the service has API keys configured (GENREC_API_KEYS); "
+                                  "health, /info and /metrics are always open."},
+    }
+    for path, operations in schema.get("paths", {}).items():
+        if is_guarded_path(path.replace("{user_id}", "user")):
+            for operation in operations.values():
+                operation["security"] = [{"ApiKey": []}, {}]  # {}: open when no keys are configured
+    if state.serving is None:
+        return schema  # not cached: the bundle's examples come once it is loaded
+    bundle = state.serving.bundle
+    known = [bundle.item_ids[int(i)] for i in bundle.popularity[:3]]
+    schemas = schema["components"]["schemas"]
+    schemas["EventsRequest"]["examples"] = [{"item_ids": known[:2], "event_id": "3f6c1a9e-click-0001"}]
+    schemas["RecommendRequest"]["examples"] = [{"user_id": "A1B2C3", "k": 10},
+                                               {"history": known, "k": 5, "exclude_history": True}]
+    app.openapi_schema = schema
+    return schema
 
 
 # --- middleware ---------------------------------------------------------------------------------
-
-class BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int, size: int | None) -> None:
-        got = f"{size} bytes" if size is not None else "more than that"
-        super().__init__(413, f"request body is {got}; the limit is {limit} bytes (GENREC_MAX_BODY_BYTES). "
-                              "Send fewer history items.")
-
-
-class BodySizeLimitMiddleware:
-    """413 before reading a body whose Content-Length is over the limit; for chunked bodies, as soon
-    as the bytes read pass it (FastAPI re-raises HTTPExceptions raised while it reads the body)."""
-
-    def __init__(self, app: ASGIApp, max_body_bytes: int, metrics: ServiceMetrics) -> None:
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            self.metrics.rejections.labels(reason="body_too_large").inc()
-            error = BodyTooLarge(self.max_body_bytes, declared)
-            response = JSONResponse(_error_body(str(error.detail)), status_code=413)
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    self.metrics.rejections.labels(reason="body_too_large").inc()
-                    raise BodyTooLarge(self.max_body_bytes, None)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
-
 
 class RequestMetricsMiddleware:
     """Request count by endpoint (route template, never the raw path) and status, duration, in-flight."""

@@ -3,8 +3,9 @@ and the engine runs it in a worker thread so the event loop stays free. Up to `e
 batches run at once (onnxruntime sessions are thread-safe): while one batch computes, the next one
 starts on a free worker instead of queueing behind it.
 
-Every wait is bounded: a full queue is refused at once (QueueFull -> 429), a request past its
-deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
+Every wait is bounded: a request that would miss the latency budget (OverBudget, see
+service/admission.py) or finds the queue full (QueueFull) is refused at once (429), a request past
+its deadline gives up (DeadlineExceeded -> 503), and shutdown drains within a time limit.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from service.admission import AdmissionController
 from service.engine import BeamEngine
 from service.metrics import ServiceMetrics
 
@@ -32,10 +34,24 @@ class BatcherError(Exception):
     """A request the batcher could not serve; the route maps each kind to a status."""
 
 
-class QueueFull(BatcherError):
-    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
-        super().__init__(f"server is at capacity ({queue_size} requests queued); retry after {retry_after_s}s")
+class OverCapacity(BatcherError):
+    """Refused before queueing (429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueFull(OverCapacity):
+    def __init__(self, queue_size: int, retry_after_s: int = 1) -> None:
+        super().__init__(f"server is at capacity ({queue_size} requests queued); retry after {retry_after_s}s",
+                         retry_after_s)
+
+
+class OverBudget(OverCapacity):
+    def __init__(self, expected_s: float, budget_s: float, retry_after_s: int) -> None:
+        super().__init__(f"server is at capacity: the answer would take about {expected_s * 1e3:.0f} ms against a "
+                         f"latency budget of {budget_s * 1e3:.0f} ms; retry after {retry_after_s}s", retry_after_s)
 
 
 class DeadlineExceeded(BatcherError):
@@ -167,6 +183,7 @@ class MicroBatcher:
         engine_nice: int = 0,
         pin_engine_threads: bool | None = False,
         close_when_none_coming: bool = True,
+        admission: AdmissionController | None = None,
         metrics: ServiceMetrics | None = None,
     ) -> None:
         if engine_workers < 1:
@@ -177,12 +194,14 @@ class MicroBatcher:
         self.max_queue_size = max_queue_size
         self.engine_workers = engine_workers
         self._metrics = metrics
+        self.admission = admission
         self._queue: asyncio.Queue[PendingRequest] = asyncio.Queue(maxsize=max_queue_size)
         self._executor = ThreadPoolExecutor(max_workers=engine_workers, thread_name_prefix="genrec-engine",
                                             initializer=EngineThreadSetup(engine_nice, pin_engine_threads, engine_workers))
         # A batch is gathered only once a worker is free, so it takes everything queued meanwhile.
         self._free_workers = asyncio.Semaphore(engine_workers)
         self._running: set[asyncio.Task[None]] = set()
+        self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> event-loop time it started
         self._worker: asyncio.Task[None] | None = None
         self._accepting = False
         self.close_when_none_coming = close_when_none_coming
@@ -221,6 +240,7 @@ class MicroBatcher:
         if deadline <= now:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
+        self.check_admission()
         request = PendingRequest(history, deadline, now, loop.create_future())
         try:
             self._queue.put_nowait(request)
@@ -234,6 +254,19 @@ class MicroBatcher:
         except TimeoutError:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed waiting for the engine") from None
+
+    def check_admission(self) -> None:
+        """Raise OverBudget if a request joining the queue now would miss the latency budget. The
+        route asks once before it reads the history (a refusal then costs no Redis round trip) and
+        submit asks again, as the queue may have grown meanwhile."""
+        if self.admission is None or not self.admission.enabled:
+            return
+        now = asyncio.get_running_loop().time()
+        longest_running_s = now - min(self._started_at.values()) if self._started_at else 0.0
+        decision = self.admission.decide(self._queue.qsize(), len(self._running), longest_running_s)
+        if not decision.admitted:
+            self._reject("over_budget")
+            raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
 
     async def close(self, timeout_s: float) -> None:
         """Stop accepting, finish what is queued within timeout_s, fail the rest with BatcherClosed."""
@@ -269,7 +302,8 @@ class MicroBatcher:
                 raise
             task = asyncio.create_task(self._run_and_release(requests, loop), name="genrec-batch")
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._started_at[task] = loop.time()
+            task.add_done_callback(self._batch_done)
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[PendingRequest]:
         first = await self._queue.get()
@@ -331,7 +365,10 @@ class MicroBatcher:
         except Exception as error:
             batch.fail(error)
             raise
-        batch.complete(item_indices, scores, started_at, loop.time() - started_at)
+        batch_s = loop.time() - started_at
+        if self.admission is not None:
+            self.admission.observe_batch(batch_s)
+        batch.complete(item_indices, scores, started_at, batch_s)
 
     def _search(self, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Runs in an engine worker thread."""
@@ -340,6 +377,10 @@ class MicroBatcher:
         if self._metrics is not None:
             self._metrics.engine_compute.observe(time.perf_counter() - started)
         return result
+
+    def _batch_done(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        self._started_at.pop(task, None)
 
     def _reject(self, reason: str) -> None:
         if self._metrics is not None:

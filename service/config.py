@@ -80,6 +80,52 @@ class Settings(BaseSettings):
     # the demo page offers its users, each with a held-out last item. Unset: items typed in only.
     demo_users_file: Path | None = None
 
+    # --- overload: admission by expected latency --------------------------------------------------
+    # A /recommend whose expected latency from joining the queue to its answer (the batches ahead of it
+    # x the measured batch time, service/admission.py) passes this budget gets 429 at once instead of
+    # waiting past it. 0 -> off (then only max_queue_size and request_timeout_ms bound the wait).
+    latency_budget_ms: float = Field(50.0, ge=0)
+
+    # --- shutdown ---------------------------------------------------------------------------------
+    # On SIGTERM /health/ready answers 503 at once and the service keeps serving this many seconds, so
+    # a load balancer polling readiness takes it out before the port closes; then it stops accepting,
+    # answers what is in flight, flushes the event spool and exits. A second SIGTERM/SIGINT skips the wait.
+    drain_seconds: float = Field(5.0, ge=0)
+
+    # --- events: durability and idempotency -------------------------------------------------------
+    # Append-only file that holds acknowledged events while Redis is unreachable (fsynced before the
+    # answer), replayed into Redis in order when it is back. Used only with redis_url.
+    event_spool_path: Path = Path("spool/events.jsonl")
+    # The spool's size limit; beyond it an event write that cannot reach Redis gets 503.
+    event_spool_max_bytes: int = Field(64 * 1024 * 1024, ge=4096)
+    # Event ids remembered per user (Redis list beside the history, same ttl): a retry with the same
+    # event_id / Idempotency-Key within the user's last this-many events is acknowledged, not re-applied.
+    idempotency_window: int = Field(128, ge=1)
+
+    # --- clients ----------------------------------------------------------------------------------
+    # API keys accepted in the X-API-Key header on /recommend and /users/{id}/events, comma-separated;
+    # with api_keys_file (one key per line) both count. None configured -> those routes are open
+    # (a warning is logged at startup). Health, /info and /metrics stay open for probes and scrapers.
+    api_keys: str = ""
+    api_keys_file: Path | None = None
+    # Origins allowed by CORS (comma-separated, or "*"); empty -> no CORS headers (browsers on other
+    # origins are refused by the browser).
+    cors_origins: str = ""
+    # Per-client token bucket on /recommend and /users/{id}/events, keyed by API key, else by client
+    # address: this many requests per second sustained, bursts up to client_burst. 0 -> no limit.
+    client_rate_per_s: float = Field(0.0, ge=0)
+    client_burst: int = Field(50, ge=1)
+    # A request whose header block is larger gets 431 and the connection is closed.
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+    # A request's headers must arrive within this many seconds (from the connection's opening for its
+    # first request, from the first byte for later ones), and then its body within as many again;
+    # else 408 and the connection is closed (a connection that sent nothing is just closed).
+    request_read_timeout_s: float = Field(10.0, gt=0)
+    # An idle keep-alive connection is closed after this many seconds.
+    keep_alive_timeout_s: float = Field(5.0, gt=0)
+    # Open connections (and tasks) beyond this many are answered 503 by the server.
+    max_connections: int = Field(1000, ge=1)
+
     def resolved_bundle_dir(self) -> Path:
         """bundle_dir if set, else the newest bundle under models_root."""
         if self.bundle_dir is not None:

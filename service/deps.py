@@ -12,6 +12,7 @@ from service.config import Settings
 from service.engine import BeamEngine
 from service.history import CoalescingHistoryReader, HistoryStore
 from service.metrics import ServiceMetrics
+from service.spool import DurableEventWriter
 
 
 class ApiError(Exception):
@@ -48,6 +49,7 @@ class Serving:
     batcher: MicroBatcher
     store: HistoryStore
     history_reader: CoalescingHistoryReader
+    events: DurableEventWriter
     metrics: ServiceMetrics
     max_history: int  # history items fed to the model
 
@@ -57,8 +59,16 @@ class AppState:
     settings: Settings
     metrics: ServiceMetrics
     serving: Serving | None = None
-    ready: bool = False
+    ready: bool = False  # what /health/ready says
+    accepting: bool = False  # whether routes take work: stays true through the drain period
+    draining: bool = False  # a stop signal came: never ready again
     not_ready_reason: str = "starting: loading the bundle"
+
+    def start_draining(self) -> None:
+        """Readiness off (a load balancer stops sending), work still taken until the server stops."""
+        self.draining = True
+        self.ready = False
+        self.not_ready_reason = "draining: shutting down"
 
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency
@@ -72,9 +82,9 @@ async def get_metrics(request: Request) -> ServiceMetrics:
 
 
 async def get_serving(request: Request) -> Serving:
-    """The serving components, or 503 while starting or draining."""
+    """The serving components, or 503 while starting or stopping (not during the drain period)."""
     state: AppState = request.app.state.genrec
-    if not state.ready or state.serving is None:
+    if not state.accepting or state.serving is None:
         state.metrics.rejections.labels(reason="not_ready" if state.serving is None else "draining").inc()
         raise NotReady(state.not_ready_reason)
     return state.serving

@@ -2,7 +2,10 @@
 
 Stores return histories oldest first, the order the model reads them. Two stores: an in-process one
 (the embedded default) and Redis (one LIST per user, newest first). Any store failure surfaces as
-HistoryStoreError, so the route can answer without the stored history and mark the response degraded.
+HistoryStoreError, so the route can answer without the stored history and mark the response degraded;
+HistoryStoreUnavailable (a subclass) says the store could not be reached, so a write may be spooled
+and retried (service/spool.py). Writes with an event id are idempotent: each store remembers the
+user's last `idempotency_window` event ids and does not append an event it has seen.
 """
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ class HistoryStoreError(Exception):
     """The store could not answer in time or at all."""
 
 
+class HistoryStoreUnavailable(HistoryStoreError):
+    """The store could not be reached or did not answer in time (connection refused, timeout)."""
+
+
 class HistoryStore(Protocol):
     backend: str  # "memory" or "redis", for /info and logs
 
@@ -33,8 +40,9 @@ class HistoryStore(Protocol):
         """History of each user, oldest first, at most max_items; [] for unknown users."""
         ...
 
-    async def append(self, user_id: str, item_ids: Sequence[str]) -> None:
-        """Append events given oldest first; keeps the newest max_items."""
+    async def append(self, user_id: str, item_ids: Sequence[str], event_id: str | None = None) -> bool:
+        """Append events given oldest first; keeps the newest max_items. With an event_id already
+        among the user's recent ones, appends nothing and returns False (a retried write)."""
         ...
 
     async def ping(self) -> bool: ...
@@ -53,12 +61,15 @@ class InMemoryHistoryStore:
         ttl_s: float | None = None,
         max_users: int = 1_000_000,
         clock: Callable[[], float] = time.monotonic,
+        idempotency_window: int = 128,
     ) -> None:
         self.max_items = max_items
+        self.idempotency_window = idempotency_window
         self.ttl_s = ttl_s
         self.max_users = max_users
         self._clock = clock
         self._users: OrderedDict[str, tuple[deque[str], float]] = OrderedDict()  # user -> (items, expires_at)
+        self._event_ids: dict[str, deque[str]] = {}  # user -> recent event ids, dropped with the user
 
     async def get_many(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         now = self._clock()
@@ -71,50 +82,82 @@ class InMemoryHistoryStore:
             result[user_id] = list(entry[0]) if entry is not None else []
         return result
 
-    async def append(self, user_id: str, item_ids: Sequence[str]) -> None:
+    async def append(self, user_id: str, item_ids: Sequence[str], event_id: str | None = None) -> bool:
         if not item_ids:
-            return
+            return True
         now = self._clock()
         entry = self._users.pop(user_id, None)
-        items = entry[0] if entry is not None and entry[1] > now else deque(maxlen=self.max_items)
+        live = entry is not None and entry[1] > now
+        seen = self._event_ids.get(user_id) if live else None
+        if event_id is not None and seen is not None and event_id in seen:
+            self._users[user_id] = entry  # type: ignore[assignment]  # a duplicate changes nothing
+            return False
+        if event_id is not None:
+            if seen is None:
+                seen = self._event_ids[user_id] = deque(maxlen=self.idempotency_window)
+            seen.append(event_id)
+        elif not live:
+            self._event_ids.pop(user_id, None)
+        items = entry[0] if live else deque(maxlen=self.max_items)
         items.extend(item_ids)
         expires_at = now + self.ttl_s if self.ttl_s is not None else float("inf")
         self._users[user_id] = (items, expires_at)  # re-inserted last: most recently used
         while len(self._users) > self.max_users:
-            self._users.popitem(last=False)
+            evicted, _ = self._users.popitem(last=False)
+            self._event_ids.pop(evicted, None)
+        return True
 
     async def ping(self) -> bool:
         return True
 
     async def close(self) -> None:
         self._users.clear()
+        self._event_ids.clear()
+
+
+# One event, atomically: skip it if its id is among the user's recent event ids, else remember the id
+# and push the items (KEYS[1] history, KEYS[2] event ids; ARGV: event id, max_items, ttl, window, items...).
+_IDEMPOTENT_APPEND = """
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[4]) - 1)
+redis.call('EXPIRE', KEYS[2], ARGV[3])
+redis.call('LPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 class RedisHistoryStore:
-    """Redis LIST `genrec:history:{<user_id>}`, newest first, on one Redis or a Redis Cluster.
+    """Redis LIST `genrec:history:{<user_id>}`, newest first, on one Redis or a Redis Cluster; beside it
+    the LIST `genrec:event-ids:{<user_id>}` of the user's recent event ids. The braces are a Redis
+    Cluster hash tag: every key of a user hashes to the slot of the user id, so the MULTI of a write
+    and the script that touches both keys stay on one node.
 
-    The braces are a Redis Cluster hash tag: every key of a user hashes to the slot of the user id,
-    so the MULTI of a write (and any per-user key added later) stays on one node.
-    Writes: LPUSH + LTRIM + EXPIRE in one MULTI. Reads: one pipeline of LRANGEs for many users (on a
-    cluster the client splits it by node).
-    Each attempt is bounded by timeout_s; at most `retries` more attempts (reads: on any connection
-    or timeout error; writes: only on connection errors, since a timed-out LPUSH may have happened).
+    Writes: LPUSH + LTRIM + EXPIRE in one MULTI, or with an event id one Lua script that also checks
+    and records the id. Reads: one pipeline of LRANGEs for many users (on a cluster the client splits
+    it by node). Each attempt is bounded by timeout_s; at most `retries` more attempts (reads and
+    writes with an event id: on any connection or timeout error; other writes only on connection
+    errors, since a timed-out LPUSH may have happened).
     """
 
     backend = "redis"
     key_prefix = "genrec:history:"
 
-    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, *, max_items: int, ttl_s: int, timeout_s: float, retries: int = 1) -> None:
+    def __init__(self, client: aioredis.Redis | aioredis.RedisCluster, *, max_items: int, ttl_s: int, timeout_s: float,
+                 retries: int = 1, idempotency_window: int = 128) -> None:
         self._client = client
         self.max_items = max_items
         self.ttl_s = ttl_s
         self.timeout_s = timeout_s
         self.retries = retries
+        self.idempotency_window = idempotency_window
+        self._idempotent_append = client.register_script(_IDEMPOTENT_APPEND)
 
     @classmethod
-    def from_url(
-        cls, url: str, *, max_items: int, ttl_s: int, timeout_ms: float, retries: int = 1, cluster: bool = False
-    ) -> RedisHistoryStore:
+    def from_url(cls, url: str, *, max_items: int, ttl_s: int, timeout_ms: float, retries: int = 1,
+                 idempotency_window: int = 128, cluster: bool = False) -> RedisHistoryStore:
         """cluster: `url` names any node of a Redis Cluster; the client discovers the others and
         follows slot moves."""
         timeout_s = timeout_ms / 1000.0
@@ -125,10 +168,14 @@ class RedisHistoryStore:
             decode_responses=True,
         )
         client = aioredis.RedisCluster.from_url(url, **options) if cluster else aioredis.from_url(url, **options)
-        return cls(client, max_items=max_items, ttl_s=ttl_s, timeout_s=timeout_s, retries=retries)
+        return cls(client, max_items=max_items, ttl_s=ttl_s, timeout_s=timeout_s, retries=retries,
+                   idempotency_window=idempotency_window)
 
     def key(self, user_id: str) -> str:
         return f"{self.key_prefix}{{{user_id}}}"
+
+    def event_ids_key(self, user_id: str) -> str:
+        return f"genrec:event-ids:{{{user_id}}}"  # the history key's hash tag: same slot
 
     async def get_many(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
         unique = list(dict.fromkeys(user_ids))
@@ -146,9 +193,11 @@ class RedisHistoryStore:
         rows = await self._attempt(read, retry_on_timeout=True)
         return {user_id: row[::-1] for user_id, row in zip(unique, rows)}  # stored newest first
 
-    async def append(self, user_id: str, item_ids: Sequence[str]) -> None:
+    async def append(self, user_id: str, item_ids: Sequence[str], event_id: str | None = None) -> bool:
         if not item_ids:
-            return
+            return True
+        if event_id is not None:
+            return (await self.append_many([(user_id, item_ids, event_id)]))[0]
         key = self.key(user_id)
 
         async def write() -> None:
@@ -159,6 +208,25 @@ class RedisHistoryStore:
                 await pipe.execute()
 
         await self._attempt(write, retry_on_timeout=False)
+        return True
+
+    async def append_many(self, events: Sequence[tuple[str, Sequence[str], str]]) -> list[bool]:
+        """(user_id, item_ids oldest first, event_id) events in order, in one round trip (a pipeline
+        of the idempotent script); True where appended, False where the event id was seen already.
+        Safe to retry after a timeout: a repeated event is skipped."""
+
+        async def write() -> list[bool]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id, item_ids, event_id in events:
+                    newest = list(item_ids)[-self.max_items:]  # older ones would be trimmed at once
+                    await self._idempotent_append(
+                        keys=[self.key(user_id), self.event_ids_key(user_id)],
+                        args=[event_id, self.max_items, self.ttl_s, self.idempotency_window, *newest],
+                        client=pipe,
+                    )
+                return [bool(result) for result in await pipe.execute()]
+
+        return await self._attempt(write, retry_on_timeout=True)
 
     async def ping(self) -> bool:
         try:
@@ -183,7 +251,7 @@ class RedisHistoryStore:
                 last_error = error
             except RedisError as error:  # a server-side error (e.g. WRONGTYPE): retrying will not help
                 raise HistoryStoreError(f"redis error: {error}") from error
-        raise HistoryStoreError(f"redis unavailable: {type(last_error).__name__}: {last_error}") from last_error
+        raise HistoryStoreUnavailable(f"redis unavailable: {type(last_error).__name__}: {last_error}") from last_error
 
 
 class CoalescingHistoryReader:

@@ -11,7 +11,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("history", "queue", "engine", "response")
-REJECTION_REASONS = ("queue_full", "deadline", "draining", "not_ready", "body_too_large")
+REJECTION_REASONS = ("queue_full", "over_budget", "deadline", "draining", "not_ready", "body_too_large",
+                     "read_timeout", "client_rate", "unauthorized", "forbidden", "spool_full")
+EVENT_OUTCOMES = ("stored", "spooled", "duplicate")
 STRATEGIES = ("generative", "popular")
 
 
@@ -59,6 +61,15 @@ class ServiceMetrics:
         self.recommendations = Counter(
             "genrec_recommendations_total", "Recommendation responses by strategy", ["strategy"], registry=r
         )
+        self.events = Counter(
+            "genrec_events_total", "Event writes acknowledged: stored in Redis, spooled, or duplicates of an earlier "
+            "event_id", ["outcome"], registry=r,
+        )
+        self.spool_pending = Gauge("genrec_event_spool_pending", "Events in the spool not yet written to Redis", registry=r)
+        self.spool_bytes = Gauge("genrec_event_spool_bytes", "Size of the event spool file", registry=r)
+        self.spool_replayed = Counter(
+            "genrec_event_spool_replayed_total", "Spooled events written to Redis (duplicates included)", registry=r
+        )
         self.model_info = Gauge("genrec_model_info", "The bundle being served (value 1)", ["name", "version"], registry=r)
         # Series bound once: labels() validates and locks on every call, a cost paid per request.
         # Binding every stage here also exports them from the start (dashboards see zeros, not gaps).
@@ -67,6 +78,7 @@ class ServiceMetrics:
         self._request_series: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
         for reason in REJECTION_REASONS:
             self.rejections.labels(reason=reason)
+        self.event_outcomes = {outcome: self.events.labels(outcome=outcome) for outcome in EVENT_OUTCOMES}
         for operation in ("read", "write"):
             self.history_errors.labels(operation=operation)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, StringConstraints, WithJsonSchema
 
 MAX_K = 100
 
@@ -32,6 +32,23 @@ ItemId = Annotated[
 UserId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LENGTH)]
 
 
+def _whole_number(value: Any) -> Any:
+    """JSON has one number type: 18.0 is the integer 18; 18.5, "18" and true are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        got = _JSON_TYPE_NAMES.get(type(value), "string" if isinstance(value, str) else type(value).__name__)
+        raise ValueError(f"must be an integer, got {got}")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"must be a whole number, got {value}")
+        return int(value)
+    return value
+
+
+# An integer as JSON numbers carry it: 18 or 18.0 (the schema says integer).
+WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
+EventId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=128)]
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -51,7 +68,7 @@ class RecommendRequest(BaseModel):
         description="Item ids the user interacted with, oldest first (strings or integers). "
         "Overrides the stored history when non-empty.",
     )
-    k: Annotated[int, Field(strict=True, ge=1, le=MAX_K, description="Number of items to return.")] = 10
+    k: Annotated[WholeNumber, Field(ge=1, le=MAX_K, description="Number of items to return.")] = 10
     exclude_history: Annotated[bool, Field(strict=True, description="Leave history items out of the results.")] = True
 
 
@@ -95,14 +112,37 @@ class RecommendResponse(BaseModel):
 
 
 class EventsRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"item_ids": ["B0001", 12345]}]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"item_ids": ["B0001", "B0002"], "event_id": "3f6c1a9e-click-0001"}]},
+    )
 
     item_ids: list[ItemId] = Field(min_length=1, description="Item ids the user interacted with, oldest first.")
+    event_id: EventId | None = Field(
+        None,
+        description="Idempotency key (or send the Idempotency-Key header): a retry with the same id is acknowledged "
+        "as a duplicate and not appended again.",
+    )
 
 
 class EventsResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"user_id": "A1B2C3", "appended": 2, "status": "stored",
+                                         "event_id": "3f6c1a9e-click-0001", "duplicate": False}]}
+    )
+
     user_id: str
-    appended: int
+    appended: int = Field(description="Items appended by this request (0 for a duplicate).")
+    status: Literal["stored", "spooled"] = Field(
+        description="stored: in Redis (or the in-process store); spooled: Redis was unreachable, the event is in the "
+        "service's fsynced spool and will be written to Redis, in order, when it is back."
+    )
+    event_id: str = Field(description="The idempotency key used: the one sent, else one the service chose.")
+    duplicate: bool = Field(
+        description="True when this event_id was already recorded (by an earlier request, or by this request's own "
+        "first write to Redis, which timed out and was retried); nothing more was appended. Either way the event is "
+        "recorded once."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -131,20 +171,25 @@ class InfoResponse(BaseModel):
 
 
 # Documented error responses, shared by the routes.
+_VALIDATION_EXAMPLE = {
+    "detail": "Invalid request: body.k: Input should be less than or equal to 100",
+    "errors": [{"loc": "body.k", "message": "Input should be less than or equal to 100", "type": "less_than_equal"}],
+}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "The body is not valid JSON (the detail gives the position)."},
+    408: {"model": ErrorResponse, "description": "The request body did not arrive within GENREC_REQUEST_READ_TIMEOUT_S."},
     413: {"model": ErrorResponse, "description": "Request body larger than GENREC_MAX_BODY_BYTES."},
     422: {
         "model": ErrorResponse,
-        "description": "Malformed JSON, a wrong type, or a value out of range.",
-        "content": {
-            "application/json": {
-                "example": {
-                    "detail": "Invalid request: body.k: Input should be less than or equal to 100",
-                    "errors": [{"loc": "body.k", "message": "Input should be less than or equal to 100", "type": "less_than_equal"}],
-                }
-            }
-        },
+        "description": "A wrong type, a value out of range, or a missing or unknown field.",
+        "content": {"application/json": {"example": _VALIDATION_EXAMPLE}},
     },
-    429: {"model": ErrorResponse, "description": "Queue full; retry after the Retry-After header's seconds."},
+    429: {"model": ErrorResponse, "description": "Over capacity (the wait would pass the latency budget, or the queue "
+                                                 "is full) or over this client's rate; retry after Retry-After seconds."},
     503: {"model": ErrorResponse, "description": "Not ready, shutting down, or the request deadline passed."},
+}
+# The routes that need an API key when keys are configured.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No X-API-Key header (API keys are configured)."},
+    403: {"model": ErrorResponse, "description": "The X-API-Key is not one of the configured keys."},
 }

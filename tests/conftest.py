@@ -157,8 +157,10 @@ def start_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     /health/ready, and returns "http://127.0.0.1:PORT". Every process it started is stopped
     (SIGTERM, then SIGKILL) at teardown. If startup fails, the test fails with the service log;
     if the test fails later, the log is attached to the report as "service log".
+    `start_service.processes[base_url]` is the process (for tests that signal it).
     """
     started: list[subprocess.Popen] = []
+    processes: dict[str, subprocess.Popen] = {}
     logs: list[Path] = []
     request.node.stash[_SERVICE_LOGS] = logs
 
@@ -176,6 +178,8 @@ def start_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             GENREC_PORT=str(port),
             PYTHONUNBUFFERED="1",
             PYTHONPATH=os.pathsep.join(p for p in [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")] if p),
+            # No load balancer to wait for: stop at the first SIGTERM (a test may set its own drain).
+            GENREC_DRAIN_SECONDS="0",
         )
         if redis_url is not None:
             child_env["GENREC_REDIS_URL"] = redis_url
@@ -183,6 +187,7 @@ def start_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
 
         log_dir = Path(tempfile.mkdtemp(prefix="service-", dir=tmp_path_factory.getbasetemp()))
         log_path = log_dir / "service.log"
+        child_env.setdefault("GENREC_EVENT_SPOOL_PATH", str(log_dir / "spool" / "events.jsonl"))
         logs.append(log_path)
         with open(log_path, "wb") as log:
             proc = subprocess.Popen(
@@ -192,6 +197,7 @@ def start_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             )
         started.append(proc)
         base_url = f"http://127.0.0.1:{port}"
+        processes[base_url] = proc
         try:
             _wait_ready(proc, base_url, log_path, ready_timeout)
         except BaseException:
@@ -199,6 +205,7 @@ def start_service(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
             raise
         return base_url
 
+    _start.processes = processes  # type: ignore[attr-defined]
     try:
         yield _start
     finally:

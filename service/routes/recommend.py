@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response
 
 from service.deps import Serving, ServingDep
 from service.history import HistoryStoreError
-from service.schemas import ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
+from service.schemas import AUTH_RESPONSES, ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
 
 router = APIRouter(tags=["recommend"])
 
@@ -19,7 +19,7 @@ _PREVIEW = 10  # unknown ids quoted in a warning
 @router.post(
     "/recommend",
     response_model=RecommendResponse,
-    responses=ERROR_RESPONSES,
+    responses=ERROR_RESPONSES | AUTH_RESPONSES,
     summary="Recommend the next items for a history or a user",
 )
 async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
@@ -29,6 +29,8 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     metrics = serving.metrics
     warnings: list[str] = []
 
+    if body.history or body.user_id is not None:  # headed for the engine: refuse before a Redis round trip
+        serving.batcher.check_admission()
     with serving.batcher.coming():
         raw_history, degraded = await _resolve_history(body, serving, warnings)
     history_done = loop.time()

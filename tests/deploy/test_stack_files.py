@@ -130,6 +130,29 @@ def test_genrec_wiring(compose: dict) -> None:
     assert Path(models[0]["source"]).resolve() == (REPO_ROOT / "models").resolve()
 
 
+def test_redis_persists_to_an_aof_on_a_named_volume(compose: dict) -> None:
+    redis = compose["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "everysec"
+    data = [v for v in redis.get("volumes", []) if v.get("target") == "/data"]
+    assert data and data[0]["type"] == "volume" and data[0]["source"] in compose["volumes"]
+
+
+def test_genrec_keeps_its_event_spool_on_a_named_volume(compose: dict) -> None:
+    genrec = compose["services"]["genrec"]
+    spool = [v for v in genrec.get("volumes", []) if v.get("target") == "/app/spool"]
+    assert spool and spool[0]["type"] == "volume" and spool[0]["source"] in compose["volumes"]
+    # the default GENREC_EVENT_SPOOL_PATH (relative to WORKDIR /app) lies on that volume
+    from service.config import Settings
+
+    assert Settings().event_spool_path.parts[0] == "spool"
+    assert ("WORKDIR", "/app") in dockerfile_instructions()
+    # created in the image, so a new named volume copies the non-root owner
+    assert any(kw == "RUN" and "/app/spool" in args and "chown -R genrec:genrec /app" in args
+               for kw, args in dockerfile_instructions())
+
+
 def test_prometheus_mounts_its_config_and_rules(compose: dict) -> None:
     prometheus = compose["services"]["prometheus"]
     image = prometheus["image"]

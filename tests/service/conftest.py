@@ -43,17 +43,26 @@ def bundle_copy(demo_bundle_dir: Path, tmp_path: Path) -> Path:
 
 
 class StoppableRedis:
-    """A redis-server of one test's own, so the test can take it away mid-way."""
+    """A redis-server of one test's own, so the test can take it away mid-way: kill it (SIGKILL, like a
+    crash), pause it (SIGSTOP: connections hang) and start it again on the same port and directory.
+    With aof=True it persists every write (appendfsync always), so a restart keeps the data."""
 
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
+    def __init__(self, workdir: Path, aof: bool = False) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
             pytest.fail("redis-server is not installed: `apt-get install -y redis-server`", pytrace=False)
+        self.workdir = workdir
+        self.aof = aof
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
         self._proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+             "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 10
@@ -72,9 +81,18 @@ class StoppableRedis:
             return False
 
     def stop(self) -> None:
-        if self._proc.poll() is None:
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGCONT)  # a paused server must run to die
             os.kill(self._proc.pid, signal.SIGKILL)  # abrupt, like a crashed server
             self._proc.wait(timeout=10)
+
+    def pause(self) -> None:
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        os.kill(self._proc.pid, signal.SIGCONT)
 
 
 @pytest.fixture

@@ -1,0 +1,148 @@
+"""Admission by expected latency, checked deterministically: the arithmetic on given numbers, the
+batcher refusing a request that would wait past the budget (engine held, batch time set), and the
+route's 429. Speed under real overload is measured by benchmarks/bench_overload.py, not here."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.admission import AdmissionController
+from service.app import create_app
+from service.batcher import MicroBatcher, OverBudget
+from service.bundle import Bundle
+from service.metrics import ServiceMetrics
+from tests.service.fakes import FakeEngine
+from tests.service.test_api import make_settings
+
+
+def controller(budget_s: float = 0.05, batch_size: int = 8, workers: int = 2, batch_s: float | None = 0.01,
+               max_wait_s: float = 0.0) -> AdmissionController:
+    admission = AdmissionController(budget_s, batch_size, workers, max_wait_s=max_wait_s)
+    if batch_s is not None:
+        admission.observe_batch(batch_s)
+    return admission
+
+
+@pytest.mark.parametrize(
+    ("queued", "busy", "rounds"),
+    [
+        (0, 0, 1),   # a free worker takes its batch at once: its own batch only
+        (7, 1, 1),   # still the first queued batch, and one worker is free
+        (8, 1, 2),   # second queued batch: waits for the computing round
+        (0, 2, 2),   # every worker busy: one round, then its own
+        (16, 2, 3),  # two full batches ahead of it and no free worker: 1 + 1 rounds, then its own
+        (31, 2, 3),
+        (32, 2, 4),
+    ],
+)
+def test_expected_latency_counts_the_rounds_of_batches_ahead(queued: int, busy: int, rounds: int) -> None:
+    assert controller().expected_s(queued, busy) == pytest.approx(rounds * 0.01)
+
+
+def test_a_computing_batch_counts_only_its_remaining_time() -> None:
+    admission = controller(batch_s=0.04)
+    assert admission.expected_s(0, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04)
+    assert admission.expected_s(16, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04 + 0.04)
+    assert admission.expected_s(0, 2, longest_running_s=0.5) == pytest.approx(0.04)  # overdue: ends any moment
+    assert admission.expected_s(0, 1, longest_running_s=0.03) == pytest.approx(0.04)  # a free worker takes it
+    assert admission.decide(0, 2, longest_running_s=0.03).admitted  # 50 ms: within the budget
+    assert not admission.decide(0, 2, longest_running_s=0.0).admitted  # 80 ms
+
+
+def test_a_batch_that_starts_at_once_adds_the_batching_window() -> None:
+    admission = controller(max_wait_s=0.002)
+    assert admission.expected_s(0, 0) == pytest.approx(0.012)
+    assert admission.expected_s(0, 2) == pytest.approx(0.02)  # it waits for a worker, not for the window
+
+
+def test_the_batch_time_is_an_ewma_and_nothing_is_refused_before_the_first_batch() -> None:
+    admission = controller(batch_s=None)
+    assert admission.expected_s(10_000, 2) == 0.0 and admission.decide(10_000, 2).admitted
+    admission.observe_batch(0.010)
+    admission.observe_batch(0.020)
+    assert admission.batch_s == pytest.approx(0.010 + 0.2 * 0.010)
+
+
+def test_decide_compares_the_expected_latency_with_the_budget_and_says_when_to_retry() -> None:
+    admission = controller(budget_s=0.05, batch_s=0.02)
+    assert admission.decide(0, 2).admitted  # 40 ms expected
+    late = admission.decide(16, 2)  # third batch round: 60 ms > 50
+    assert not late.admitted and late.expected_s == pytest.approx(0.06) and late.retry_after_s == 1
+    swamped = controller(budget_s=0.05, batch_s=1.0).decide(64, 2)
+    # 8 batches ahead, no free worker: the computing round + 4 rounds of 2 batches, then its own: 6 s
+    assert not swamped.admitted and swamped.retry_after_s == 6
+    assert controller(budget_s=0.0, batch_s=1.0).decide(64, 2).admitted  # budget 0: off
+
+
+def test_a_request_a_free_worker_takes_at_once_is_admitted_even_past_the_budget() -> None:
+    slow = controller(budget_s=0.05, batch_s=0.2)  # one batch alone takes 4x the budget
+    assert slow.decide(0, 1).admitted and slow.decide(7, 0).admitted  # a worker is free for its batch
+    assert not slow.decide(0, 2).admitted and not slow.decide(16, 1).admitted  # it would wait for one
+
+
+def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        engine.release.clear()  # the engine holds its first batch until released
+        metrics = ServiceMetrics()
+        admission = controller(budget_s=0.05, batch_size=1, workers=1, batch_s=1.0)  # a batch takes 1 s
+        batcher = MicroBatcher(engine, max_batch_size=1, max_wait_ms=0, max_queue_size=64, admission=admission,
+                               metrics=metrics)
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(batcher.submit(np.array([1]), loop.time() + 10))
+        await asyncio.to_thread(engine.entered.wait, 10)  # computing: no worker free
+        # Expected: the rest of the computing batch (about 1 s), then its own: about 2 s > 50 ms.
+        with pytest.raises(OverBudget, match="latency budget of 50 ms"):
+            await batcher.submit(np.array([2]), loop.time() + 10)
+        assert batcher.queue_size == 0  # refused, not queued
+        assert metrics.registry.get_sample_value("genrec_rejections_total", {"reason": "over_budget"}) == 1
+
+        admission.budget_s = 0.0  # off: the old policy queues it
+        second = asyncio.create_task(batcher.submit(np.array([2]), loop.time() + 10))
+        await asyncio.sleep(0)
+        engine.release.set()
+        assert (await first).item_indices[0] == 100 and (await second).item_indices[0] == 200
+        await batcher.close(1.0)
+
+    asyncio.run(main())
+
+
+def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir: Path, demo_bundle: Bundle) -> None:
+    settings = make_settings(demo_bundle_dir, latency_budget_ms=50, engine_workers=2, max_batch_size=1)
+    with TestClient(create_app(settings)) as client:
+        history = [demo_bundle.item_ids[int(i)] for i in demo_bundle.popularity[:3]]
+        assert client.post("/recommend", json={"history": history, "k": 3}).status_code == 200
+        batcher = client.app.state.genrec.serving.batcher  # type: ignore[attr-defined]
+        release = threading.Event()
+        search = batcher.engine.search
+
+        def held_search(histories):  # both workers compute until released
+            release.wait(30)
+            return search(histories)
+
+        batcher.engine.search = held_search
+        batcher.admission.batch_s = 2.0  # as if each batch took 2 s
+        holders = [threading.Thread(target=client.post, args=("/recommend",), kwargs={"json": {"history": history}})
+                   for _ in range(2)]
+        for holder in holders:
+            holder.start()
+        try:
+            deadline = time.monotonic() + 30
+            while len(batcher._running) < 2:  # both workers busy
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            response = client.post("/recommend", json={"history": history, "k": 3})
+        finally:
+            release.set()
+            for holder in holders:
+                holder.join()
+        # the rest of the computing round (up to 2 s) and its own batch (2 s)
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 3
+        assert "latency budget of 50 ms" in response.json()["detail"]
