@@ -13,7 +13,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -215,15 +215,18 @@ class RedisHistoryStore:
         of the idempotent script); True where appended, False where the event id was seen already.
         Safe to retry after a timeout: a repeated event is skipped."""
 
+        def call(user_id: str, item_ids: Sequence[str], event_id: str, client: Any) -> Awaitable[Any]:
+            newest = list(item_ids)[-self.max_items:]  # older ones would be trimmed at once
+            return self._idempotent_append(keys=[self.key(user_id), self.event_ids_key(user_id)],
+                                           args=[event_id, self.max_items, self.ttl_s, self.idempotency_window, *newest],
+                                           client=client)
+
         async def write() -> list[bool]:
+            if isinstance(self._client, aioredis.RedisCluster):  # cluster pipelines carry no scripts: one call each, in order
+                return [bool(await call(*event, client=self._client)) for event in events]
             async with self._client.pipeline(transaction=False) as pipe:
-                for user_id, item_ids, event_id in events:
-                    newest = list(item_ids)[-self.max_items:]  # older ones would be trimmed at once
-                    await self._idempotent_append(
-                        keys=[self.key(user_id), self.event_ids_key(user_id)],
-                        args=[event_id, self.max_items, self.ttl_s, self.idempotency_window, *newest],
-                        client=pipe,
-                    )
+                for event in events:
+                    await call(*event, client=pipe)
                 return [bool(result) for result in await pipe.execute()]
 
         return await self._attempt(write, retry_on_timeout=True)

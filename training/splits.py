@@ -109,7 +109,7 @@ def group_metrics(ranked: np.ndarray, targets: np.ndarray, groups: dict[str, np.
     out = {}
     for name, rows in groups.items():
         metrics = topk_metrics(ranked[rows], targets[rows]) if rows.any() else dict.fromkeys(
-            ("recall@5", "ndcg@5", "recall@10", "ndcg@10"), float("nan"))
+            ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))  # an empty group has no figures (JSON null)
         out[name] = {**metrics, "users": int(rows.sum())}
     return out
 
@@ -138,7 +138,8 @@ def markdown_table(rows: dict[str, dict[str, dict[str, float]]], metric_keys: tu
                                      for g in groups for k in metric_keys) + " |"
     lines = [header, "|---|" + "---|" * (len(groups) * len(metric_keys))]
     for name, by_group in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{by_group[g][k]:.4f}" for g in groups for k in metric_keys) + " |")
+        lines.append(f"| {name} | " + " | ".join("-" if by_group[g][k] is None else f"{by_group[g][k]:.4f}"
+                                                 for g in groups for k in metric_keys) + " |")
     return "\n".join(lines)
 
 

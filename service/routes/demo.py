@@ -20,9 +20,13 @@ from pydantic import BaseModel
 
 from service.bundle import Bundle
 from service.deps import ApiError, ServingDep, StateDep
+from service.schemas import ERROR_RESPONSES, ErrorResponse
 from service.history import HistoryStoreError
 
-router = APIRouter(tags=["demo"])
+router = APIRouter(tags=["demo"], responses={
+    403: {"model": ErrorResponse, "description": "Only the page's own users can be read here."},
+    404: {"model": ErrorResponse, "description": "The demo page is off, or the user is unknown."},
+    422: ERROR_RESPONSES[422], 503: ERROR_RESPONSES[503]})
 
 PAGE = Path(__file__).resolve().parent.parent / "static" / "demo.html"
 DEMO_USER_PREFIX = "demo-"

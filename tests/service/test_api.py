@@ -239,6 +239,10 @@ def test_redis_cluster_backed_service_round_trip(demo_bundle_dir: Path, demo_bun
         history = recent_items(demo_bundle, 3)
         for user in ("cluster-a", "cluster-b", "cluster-c"):
             assert client.post(f"/users/{user}/events", json={"item_ids": history}).status_code == 200
+        # the idempotent write (one script over the history and its event ids) works on a cluster too
+        retried = [client.post("/users/cluster-d/events", json={"item_ids": history, "event_id": "e-1"}).json()
+                   for _ in range(2)]
+        assert [r["duplicate"] for r in retried] == [False, True]
         by_user = client.post("/recommend", json={"user_id": "cluster-b", "k": 5}).json()
         by_history = client.post("/recommend", json={"history": history, "k": 5}).json()
         assert by_user["strategy"] == "generative" and by_user["degraded"] is False

@@ -125,11 +125,11 @@ def test_redis_server_error_is_a_store_error(redis_target: RedisTarget) -> None:
 
 
 def test_cluster_keys_a_user_by_hash_tag_and_spreads_users_over_every_node(redis_cluster: LocalRedisCluster) -> None:
-    store = RedisHistoryStore(client=None, max_items=3, ttl_s=60, timeout_s=0.2)  # type: ignore[arg-type]
+    store = RedisHistoryStore.from_url(redis_cluster.url, cluster=True, max_items=3, ttl_s=60, timeout_ms=200)
     raw = redis.RedisCluster.from_url(redis_cluster.url)
     try:
-        # Another key of the same user (e.g. a per-user event log) would hash to the same slot.
-        assert raw.keyslot(store.key("alice")) == raw.keyslot("genrec:events:{alice}") == raw.keyslot("alice")
+        # The user's event ids (idempotency) live on the history's slot: one script touches both.
+        assert raw.keyslot(store.key("alice")) == raw.keyslot(store.event_ids_key("alice")) == raw.keyslot("alice")
         owners = {raw.get_node_from_key(store.key(f"user-{i}")).port for i in range(60)}
         assert owners == {port for port, _ in redis_cluster.ports}
     finally:
