@@ -41,6 +41,21 @@ TABLES: list[tuple[str, str, str, str]] = [
      "Collisions: items sharing all three raw codes before the collision level; first-code cosine: mean SASRec "
      "cosine of items sharing a first code (any two items: .2152). Floors and SASRec on the same split beside them.",
      "rows"),
+    ("etegrec", "ETEGRec ablation on Scientific",
+     "Amazon 2018 Scientific, the same split and protocol as above, every row the same recommender (d 128, 4 + 4 "
+     "layers, ranked by the codes alone) for the same 10 epochs (validation every 5 on 2,000 users, the checkpoint "
+     "chosen on it), seed 0. The tokenizer: RQ-VAE 3 x 256 (32-d latent) pre-trained on SASRec's item table; "
+     "ETEGRec trains it on with the recommender: 2 warm-up epochs (recommender alone), 6 alternating epochs (tokenizer "
+     "epoch: tokenizer loss + SIA + PSA, recommender frozen, codes re-encoded after it; recommender epoch: code loss + "
+     "SIA + PSA, tokenizer frozen), then fine-tuning (code loss only); SIA 1e-4, PSA 3e-4, tokenizer lr 1e-4 "
+     "(the paper's). Unconstrained: the same model decoded without the trie, as the released code evaluates "
+     "(a generated tuple that is no item is a miss). Recoded: items whose codes joint training changed.",
+     "rows"),
+    ("new_items", "New items and the long tail (Scientific, new-item split)",
+     "`genrec new-items`: 5% of the items held out (equally from 20 popularity strata), removed from every training "
+     "sequence and from tokenizer fitting; at test time they get codes from the model's text-to-codes (STORE) or the "
+     "tokenizer's encode. Test R@10 / N@10 by the test target: held out, long tail (<= 5 training interactions), "
+     "popular (> 20), all users; the floors on the same users beside the model.", "rows"),
     ("published", "Published figures on Beauty",
      "Other methods' published test figures under the same protocol, for comparison; not run here.", "rows"),
     ("tuning", "Beauty variants on an H100",
@@ -84,6 +99,12 @@ TABLES: list[tuple[str, str, str, str]] = [
      "setting's throughput and p99, then an open loop at half of one process's throughput gives the p99 at the same "
      "offered load; efficiency = two processes' req/s / (2 x one process's req/s). One process without the proxy "
      "shows what the proxy hop costs.", "figures"),
+    ("serving_reliability", "Serving under faults and overload: `make bench-reliability`",
+     "The service on loopback with a real Redis (AOF everysec), one run: open-loop overload at 2x the peak measured "
+     "just before (old policy: only the queue bound; new: admission by expected latency against a 50 ms budget), "
+     "Redis killed (SIGKILL, 5 s, restarted from its AOF) and paused (SIGSTOP, 3 s) under a 50/50 mix of events and "
+     "recommends at half of peak, SIGTERM under load with a 2 s drain, then a 180 s soak at half of peak. A synthetic "
+     "2,000-item catalog with the serving benchmark's model size.", "figures"),
     ("training_plots", "Training plots",
      "A bundle's training curve and its tokenizer's code usage, drawn by `docs/plot_bundle.py` from the bundle's own "
      "files (`make plots BUNDLE=...` writes them into the bundle; copies here).", "rows"),
