@@ -306,7 +306,11 @@ class GenerativeRecommender(nn.Module):
         groups: int,
     ) -> torch.Tensor:
         """-> hidden (S, P, D) after the final norm."""
-        x = self.dropout(self.decoder_inputs(prefix_codes, newest_memory))
+        return self.run_decoder(self.decoder_inputs(prefix_codes, newest_memory), cross_kv, cross_bias, groups)
+
+    def run_decoder(self, x: torch.Tensor, cross_kv, cross_bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
+        """x (S, P, D) decoder inputs, causal over P -> hidden (S, P, D) after the final norm."""
+        x = self.dropout(x)
         p = x.shape[1]
         causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
         self_bias = torch.zeros(p, p, device=x.device).masked_fill(~causal, NEG)[None, None]

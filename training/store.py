@@ -22,7 +22,7 @@ from torch import nn
 
 from training.loop import Phase
 from training.store_model import StoreModel, TextToCodes, text_tokenizer, tokenize_texts
-from training.tokenizers.base import CatalogCodes, CollisionOverflow, assign_semantic_ids
+from training.tokenizers.base import CatalogCodes, assign_semantic_ids
 from training.tokenizers.rqkmeans import kmeans, sq_distances
 from training.train import RecommenderTask
 from training.warm_start import project_features
@@ -163,14 +163,7 @@ class StoreTask(RecommenderTask):
             return None
         raw = own_codes(self.model, self.texts, self.codes.semantic_ids[:, :-1], self.train_items,
                         self.codes.raw_codebook_sizes, self.store.own_codes_iters, seed=self.cfg.seed + epoch)
-        before = self.codes.semantic_ids[:, :-1]
-        try:
-            self.set_codes(raw, refresh=True)
-        except CollisionOverflow as overflow:  # keep the codes the model knows; say so in the curve
-            print(f"[genrec] own codes not refreshed after epoch {epoch}: {overflow}", flush=True)
-            return {"codes_refreshed": False}
-        return {"codes_refreshed": True, "items_recoded": float((raw != before).any(1).mean()),
-                "collisions": self.codes.report.collisions_before_separation}
+        return self.refresh_codes(raw, epoch)
 
 
 @functools.lru_cache(maxsize=2)  # an SVD of a 30522 x 384 table: once per process and size

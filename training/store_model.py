@@ -127,19 +127,6 @@ class StoreModel(GenerativeRecommender):
         token = self.decoder_start(newest_memory) if step == 0 else self.token_embeddings(codes + self.code_offsets[step - 1])
         return self.dropout(token + self.decoder_positions.weight[step])
 
-    def decode(self, prefix_codes, newest_memory, cross_kv, cross_bias, groups):
-        return self.run_decoder(self.decoder_inputs(prefix_codes, newest_memory), cross_kv, cross_bias, groups)
-
-    def run_decoder(self, x: torch.Tensor, cross_kv, cross_bias: torch.Tensor, groups: int = 1) -> torch.Tensor:
-        """x (S, P, D) decoder inputs, causal over P -> hidden (S, P, D) after the final norm."""
-        x = self.dropout(x)
-        p = x.shape[1]
-        causal = torch.ones(p, p, dtype=torch.bool, device=x.device).tril()
-        self_bias = torch.zeros(p, p, device=x.device).masked_fill(~causal, NEG)[None, None]
-        for layer, kv in zip(self.decoder_layers, cross_kv):
-            x = layer(x, self_bias, groups, kv, cross_bias)
-        return self.decoder_norm(x)
-
     # ---- encoder over text ------------------------------------------------------------------
     def encode_tokens(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) vocabulary ids, mask (B, T) -> (B, T, D): bidirectional, relative positions."""

@@ -96,7 +96,10 @@ class RecommenderTask:
         if self.tokenizer is None or "tokenizer" not in phase.train:
             return None
         raw = self.tokenizer.encode_catalog() if self._rank == 0 else None
-        raw = broadcast_from_rank0(raw, self._world)
+        return self.refresh_codes(broadcast_from_rank0(raw, self._world), epoch)
+
+    def refresh_codes(self, raw: np.ndarray, epoch: int) -> dict[str, Any]:
+        """New raw codes for every item after `epoch`; the figures for the curve."""
         before = self.codes.semantic_ids[:, :-1]
         try:
             self.set_codes(raw, refresh=True)
