@@ -43,8 +43,9 @@ TABLES: list[tuple[str, str, str, str]] = [
      "rows"),
     ("etegrec", "ETEGRec ablation on Scientific",
      "Amazon 2018 Scientific, the same split and protocol as above, every row the same recommender (d 128, 4 + 4 "
-     "layers, ranked by the codes alone) for the same 10 epochs (validation every 5 on 2,000 users, the checkpoint "
-     "chosen on it), seed 0. The tokenizer: RQ-VAE 3 x 256 (32-d latent) pre-trained on SASRec's item table; "
+     "layers, ranked by the codes alone unless a row adds the item head) for the same 10 epochs (13 where the row "
+     "says so: the control's recommender then trains all 13, ETEGRec's 10 of them), validation every 5 on 2,000 users, "
+     "the checkpoint chosen on it; seed 0 unless the row has three. The tokenizer: RQ-VAE 3 x 256 (32-d latent) pre-trained on SASRec's item table; "
      "ETEGRec trains it on with the recommender: 2 warm-up epochs (recommender alone), 6 alternating epochs (tokenizer "
      "epoch: tokenizer loss + SIA + PSA, recommender frozen, codes re-encoded after it; recommender epoch: code loss + "
      "SIA + PSA, tokenizer frozen), then fine-tuning (code loss only); SIA 1e-4, PSA 3e-4, tokenizer lr 1e-4 "
