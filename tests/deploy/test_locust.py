@@ -41,7 +41,9 @@ def read_stats(csv_prefix: Path) -> dict[str, dict[str, str]]:
 
 
 def test_locust_headless_against_live_service(tiny_bundle: Path, redis_server: str, start_service, tmp_path: Path) -> None:
-    base_url = start_service(tiny_bundle, redis_url=redis_server)
+    # Admission off: on a busy CI machine a batch can pass the 50 ms budget and shed one request,
+    # which the locustfile counts as a failure; shedding is tested in tests/service/test_admission.py.
+    base_url = start_service(tiny_bundle, redis_url=redis_server, env={"GENREC_LATENCY_BUDGET_MS": "0"})
     csv_prefix = tmp_path / "locust"
     env = {k: v for k, v in os.environ.items() if not k.startswith("GENREC_")}
     env["GENREC_BUNDLE_DIR"] = str(tiny_bundle)  # the locustfile reads its items.jsonl
