@@ -209,7 +209,7 @@ class MixedLoad:
             body = {"item_ids": [item], "event_id": f"{lane}-{n}"}
             raw = loadgen.post_json(HOST, port, f"/users/{user}/events", body)
             for _attempt in range(50):  # a client retries until acknowledged (bounded)
-                status, answer = await _send(pool, raw)
+                status, answer = await loadgen.send(pool, raw)
                 if status == 200:
                     # Acknowledged: in Redis or the spool exactly once from here on. "duplicate" means
                     # the id was recorded already: by an earlier attempt of this client, or by a timed
@@ -243,7 +243,7 @@ class MixedLoad:
 
     async def _recommend(self, pool, raw: bytes) -> None:
         in_outage = self.outage
-        status, body = await _send(pool, raw)
+        status, body = await loadgen.send(pool, raw)
         if status == 200:
             self.recommend_ok += 1
             if in_outage:
@@ -252,19 +252,6 @@ class MixedLoad:
         else:
             self.recommend_failed += 1
             self.recommend_failures[status] = self.recommend_failures.get(status, 0) + 1
-
-
-async def _send(pool, raw: bytes) -> tuple[int, bytes]:
-    """(status, body); status 0 for a broken connection."""
-    conn = await pool.acquire()
-    try:
-        status, body = await conn.request(raw)
-    except (OSError, asyncio.IncompleteReadError, ValueError):
-        conn.close()
-        await pool.release(None)
-        return 0, b""
-    await pool.release(conn)
-    return status, body
 
 
 def check_redis(redis_url: str, acked: dict[str, list[str]]) -> dict:

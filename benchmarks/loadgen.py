@@ -140,16 +140,24 @@ class _Pool:
             conn.close()
 
 
-async def _one(pool: _Pool, raw: bytes, started: float, result: LoadResult, on_body=None) -> None:
+async def send(pool: _Pool, raw: bytes) -> tuple[int, bytes]:
+    """One request on a pooled connection -> (status, body); status 0 for a broken connection."""
     conn = await pool.acquire()
     try:
         status, body = await conn.request(raw)
     except (OSError, asyncio.IncompleteReadError, ValueError):
         conn.close()
         await pool.release(None)
+        return 0, b""
+    await pool.release(conn)
+    return status, body
+
+
+async def _one(pool: _Pool, raw: bytes, started: float, result: LoadResult, on_body=None) -> None:
+    status, body = await send(pool, raw)
+    if status == 0:
         result.errors += 1
         return
-    await pool.release(conn)
     result.statuses[status] = result.statuses.get(status, 0) + 1
     if status == 200:
         result.latencies_s.append(time.perf_counter() - started)

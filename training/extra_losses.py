@@ -1,7 +1,7 @@
 """Extra losses for joint training (training/loop.py ExtraLoss): each reads the recommender's
 intermediate states for the batch and the objective's parts (the tokenizer), and counts in the
 phases that name it. Their adapters train with the recommender and stay out of the exported
-graphs. Adding one = a class here and a line in EXTRA_LOSSES (built by training/joint.py)."""
+graphs. Adding one = a class here, built where its method is wired (training/joint.py joint_losses)."""
 from __future__ import annotations
 
 import torch
@@ -82,9 +82,3 @@ class PreferenceSemanticAlignment(ExtraLoss):
         labels = torch.arange(len(items), device=items.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
-
-EXTRA_LOSSES: dict[str, type[ExtraLoss]] = {
-    "tokenizer": TokenizerLoss,
-    "sia": SequenceItemAlignment,
-    "psa": PreferenceSemanticAlignment,
-}
