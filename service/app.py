@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.admission import AdmissionController
 from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, OverCapacity
 from service.bundle import Bundle, load_bundle
+from service.admin import AdminToken
 from service.clients import (API_KEY_HEADER, ApiKeys, ClientGateMiddleware, RequestBodyMiddleware, TokenBuckets,
                              error_body, is_guarded_path)
 from service.config import Settings, engine_threads
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
         lifespan=lifespan,
     )
     app.state.genrec = state
+    app.state.admin_token = AdminToken(settings.admin_token)
     for router in ROUTERS:
         app.include_router(router)
     _add_error_handlers(app)

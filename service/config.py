@@ -108,6 +108,9 @@ class Settings(BaseSettings):
     # (a warning is logged at startup). Health, /info and /metrics stay open for probes and scrapers.
     api_keys: str = ""
     api_keys_file: Path | None = None
+    # Bearer token for the admin routes (catalog changes, model reload): `Authorization: Bearer <token>`.
+    # Empty -> the admin routes are off (404), so a deployment without a token exposes none of them.
+    admin_token: str = ""
     # Origins allowed by CORS (comma-separated, or "*"); empty -> no CORS headers (browsers on other
     # origins are refused by the browser).
     cors_origins: str = ""
