@@ -82,3 +82,23 @@ class PreferenceSemanticAlignment(ExtraLoss):
         labels = torch.arange(len(items), device=items.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
+
+class CodeAnchor(ExtraLoss):
+    """genrec's variant, not the paper's: cross-entropy of each target item's quantizer distribution
+    (the SIA distribution, softmax(-distance / T) per level) against the codes joint training
+    started from. Tokenizer epochs may then reshape the latent space for SIA and PSA while items
+    stay on the codes whose embeddings the recommender has learned: recoding is what made the
+    alternating schedule fall behind its frozen control."""
+
+    def __init__(self, weight: float, anchor_codes: torch.Tensor, temperature: float = 1.0) -> None:
+        super().__init__(weight)
+        self.register_buffer("anchor_codes", torch.as_tensor(anchor_codes, dtype=torch.long), persistent=False)
+        self.temperature = temperature
+
+    def forward(self, states: dict[str, torch.Tensor], parts: nn.ModuleDict) -> torch.Tensor:
+        tokenizer = parts["tokenizer"]
+        items = states["target_items"]
+        levels = tokenizer.code_log_probs(tokenizer.latents(items), self.temperature)
+        anchor = self.anchor_codes[items]
+        return sum(F.nll_loss(log_probs.float(), anchor[:, level]) for level, log_probs in enumerate(levels)) / len(levels)
+

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from training.extra_losses import PreferenceSemanticAlignment, SequenceItemAlignment, TokenizerLoss
+import numpy as np
+import torch
+
+from training.extra_losses import CodeAnchor, PreferenceSemanticAlignment, SequenceItemAlignment, TokenizerLoss
 from training.loop import SINGLE_PHASE, ExtraLoss, Phase
 from training.tokenizers import ItemTokenizer, RQKMeansTokenizer, RQVAETokenizer
 
@@ -39,6 +42,8 @@ class JointConfig:
     psa_temperature: float = 0.07
     sia_official_sign: bool = False  # softmax(+distance), as the released code (a defect, kept to measure it)
     psa_max_pairs: int = 2048
+    # genrec's variant: > 0 adds CodeAnchor in tokenizer epochs (keep items on their starting codes).
+    code_anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -60,6 +65,10 @@ class JointConfig:
     def alignment_losses(self) -> tuple[str, ...]:
         return tuple(name for name, weight in (("sia", self.sia_weight), ("psa", self.psa_weight)) if weight > 0)
 
+    def tokenizer_losses(self) -> tuple[str, ...]:
+        """What a phase that trains the tokenizer adds to the alignment losses."""
+        return ("tokenizer", "code_anchor") if self.code_anchor_weight > 0 else ("tokenizer",)
+
 
 def joint_phases(cfg: JointConfig) -> tuple[Phase, ...]:
     if not cfg.trains_tokenizer:
@@ -68,11 +77,11 @@ def joint_phases(cfg: JointConfig) -> tuple[Phase, ...]:
     phases = [Phase("warmup", cfg.warmup_epochs)] if cfg.warmup_epochs else []
     if cfg.schedule == "simultaneous":
         phases.append(Phase("joint", cfg.alternating_epochs, train=("recommender", "tokenizer"),
-                            losses=("tokenizer", *align)))
+                            losses=(*cfg.tokenizer_losses(), *align)))
     else:
         done = 0
         while done < cfg.alternating_epochs:
-            phases.append(Phase("tokenizer", 1, train=("tokenizer",), losses=("tokenizer", *align)))
+            phases.append(Phase("tokenizer", 1, train=("tokenizer",), losses=(*cfg.tokenizer_losses(), *align)))
             recommender_epochs = min(cfg.cycle - 1, cfg.alternating_epochs - done - 1)
             if recommender_epochs > 0:
                 phases.append(Phase("recommender", recommender_epochs, losses=align))
@@ -93,8 +102,12 @@ def trainable_tokenizer(tokenizer: ItemTokenizer) -> RQVAETokenizer:
     raise ValueError(f"joint training needs an rqvae, letter or rqkmeans tokenizer, not {tokenizer.kind!r}")
 
 
-def joint_losses(cfg: JointConfig, d_model: int, tokenizer: RQVAETokenizer, input_dim: int) -> dict[str, ExtraLoss]:
+def joint_losses(cfg: JointConfig, d_model: int, tokenizer: RQVAETokenizer, input_dim: int,
+                 starting_codes: np.ndarray) -> dict[str, ExtraLoss]:
+    """starting_codes: (N, levels) the tokenizer's codes of every item when joint training starts."""
     losses: dict[str, ExtraLoss] = {"tokenizer": TokenizerLoss()}
+    if cfg.code_anchor_weight > 0:
+        losses["code_anchor"] = CodeAnchor(cfg.code_anchor_weight, torch.as_tensor(starting_codes), cfg.sia_temperature)
     if cfg.sia_weight > 0:
         losses["sia"] = SequenceItemAlignment(cfg.sia_weight, d_model, tokenizer.config.latent_dim,
                                               cfg.sia_temperature, cfg.sia_official_sign)

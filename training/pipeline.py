@@ -174,7 +174,8 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         tokenizer = trainable_tokenizer(tokenizer)
         trainable = tokenizer.trainable(views)
         joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
-                        "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1])}
+                        "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1],
+                                                     raw_codes)}
     # STORE (training/store.py): its task mix needs every item's text as WordPiece ids.
     store_texts, store_kwargs, train_items = None, {}, np.arange(dataset.n_items)
     if new_items is not None:

@@ -2,6 +2,7 @@
 started from residual k-means codes, the unconstrained search, and a jointly trained bundle."""
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch.nn import functional as F
 
 from service.bundle import load_bundle
 from training.evaluation import recommend_topk, unconstrained_topk
-from training.extra_losses import PreferenceSemanticAlignment, SequenceItemAlignment
+from training.extra_losses import CodeAnchor, PreferenceSemanticAlignment, SequenceItemAlignment
 from training.joint import JointConfig, joint_phases, trainable_tokenizer
 from training.model import GenerativeRecommender, Seq2SeqConfig
 from training.tokenizers import ItemViews, get_tokenizer
@@ -115,8 +116,36 @@ def test_the_alternating_schedule_and_its_ablations() -> None:
     assert [p.name for p in joint_phases(JointConfig(schedule="frozen"))] == ["recommender"]
     together = joint_phases(JointConfig(schedule="simultaneous", sia_weight=0))
     assert together[1].train == ("recommender", "tokenizer") and together[1].losses == ("tokenizer", "psa")
+    anchored = joint_phases(JointConfig(warmup_epochs=0, cycle=2, alternating_epochs=2, code_anchor_weight=0.1))
+    assert anchored[0].losses == ("tokenizer", "code_anchor", "sia", "psa") and anchored[1].losses == ("sia", "psa")
     with pytest.raises(ValueError, match="unknown joint schedule"):
         JointConfig(schedule="sometimes")
+
+
+def test_the_code_anchor_pulls_items_back_onto_their_starting_codes(fitted) -> None:
+    """Start every item one code away at the first level: minimising the anchor over the tokenizer
+    brings most of them onto the codes they started from."""
+    tokenizer, views = copy.deepcopy(fitted)  # other tests freeze the shared tokenizer; this one edits it
+    module = tokenizer.trainable(views).module
+    module.requires_grad_(True)
+    start = torch.as_tensor(tokenizer.encode(views))
+    anchor = CodeAnchor(1.0, start)
+    with torch.no_grad():  # move the first codebook so many items now quantize elsewhere
+        module.model.codebooks[0].copy_(module.model.codebooks[0].roll(1, dims=0))
+    items = torch.arange(len(start))
+
+    def first_level_kept() -> float:
+        nearest = module.code_log_probs(module.latents(items), 1.0)[0].argmax(1)
+        return float((nearest == start[:, 0]).float().mean())
+
+    before = first_level_kept()
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-2)
+    parts = nn.ModuleDict({"tokenizer": module})
+    for _ in range(150):
+        optimizer.zero_grad()
+        anchor({"target_items": items}, parts).backward()
+        optimizer.step()
+    assert before < 0.5 and first_level_kept() > 0.9
 
 
 def test_residual_kmeans_becomes_a_trainable_tokenizer_with_the_same_codes() -> None:
