@@ -404,6 +404,9 @@ class Catalog:
                 self.coder = await asyncio.get_running_loop().run_in_executor(self._executor, load_new_item_coder, self.bundle)
             except NoTextPath as e:
                 self.refusal = str(e)
+            except Exception as e:  # a broken text path costs adding items, not serving
+                log.exception("the bundle's text path for new items cannot be loaded")
+                self.refusal = f"the bundle's text path for new items cannot be loaded ({e})"
         try:
             await self.sync()
         except CatalogStoreUnavailable as e:  # serve the bundle's catalog; the poll catches up
