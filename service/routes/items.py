@@ -22,7 +22,7 @@ ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "Admin routes are off (GENREC_ADMIN_TOKEN unset), or, on GET and "
                                                  "DELETE, no item has this id."},
 }
-_WRITE_ERRORS = {k: ERROR_RESPONSES[k] for k in (400, 413, 422)} | {
+_WRITE_ERRORS = {k: ERROR_RESPONSES[k] for k in (400, 408, 413, 422)} | {
     503: {"model": ErrorResponse, "description": "Not ready, or the catalog store (Redis / state file) is "
                                                  "unavailable: nothing was changed, retry."},
 }
