@@ -211,11 +211,19 @@ class OnnxBeamEngine:
         # tensors. On CPU plain feeds cost nothing extra.
         self.device = "cuda" if self.provider == CUDA else "cpu"
         self.uses_io_binding = self.device == "cuda" if use_io_binding is None else use_io_binding
-        host_feeds = graph_trie_feeds(build_trie(bundle.semantic_ids), self._declared)
+        host_feeds = self._trie_feeds(bundle.semantic_ids, None)
         expected = self._history_inputs | {n: a.dtype.type for n, a in host_feeds.items()}
         check_graph_inputs(self.session, expected, "beam_search.onnx")
         self.trie_nbytes = sum(a.nbytes for a in host_feeds.values())
-        self._catalog = self.prepare_catalog(bundle.semantic_ids)
+        self._catalog = self._engine_catalog(bundle.semantic_ids, host_feeds, 0)
+
+    def _trie_feeds(self, semantic_ids: np.ndarray, live: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The trie inputs of the live items, leaves mapped back to their item indices."""
+        live_items = np.arange(len(semantic_ids)) if live is None else np.flatnonzero(live)
+        trie = build_trie(semantic_ids[live_items])
+        if live is not None:
+            trie = replace(trie, leaf_items=live_items[trie.leaf_items].astype(np.int32))
+        return graph_trie_feeds(trie, self._declared)
 
     def prepare_catalog(self, semantic_ids: np.ndarray, live: np.ndarray | None = None, version: int = 0) -> EngineCatalog:
         """The history code table and trie inputs of a catalog (service/catalog.py calls it off the
@@ -223,10 +231,9 @@ class OnnxBeamEngine:
         return (None: all). Indices beyond the bundle's N are items added since export."""
         if len(semantic_ids) > self.trained_items and self.new_items_refused:
             raise ValueError(self.new_items_refused)
-        live_items = np.arange(len(semantic_ids)) if live is None else np.flatnonzero(live)
-        trie = build_trie(semantic_ids[live_items])
-        trie = replace(trie, leaf_items=live_items[trie.leaf_items].astype(np.int32))
-        feeds = graph_trie_feeds(trie, self._declared)
+        return self._engine_catalog(semantic_ids, self._trie_feeds(semantic_ids, live), version)
+
+    def _engine_catalog(self, semantic_ids: np.ndarray, feeds: dict[str, np.ndarray], version: int) -> EngineCatalog:
         resident = ({n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in feeds.items()}
                     if self.uses_io_binding else {})
         tensorize = HistoryTensorizer(semantic_ids, self.max_history, item_id_rows=self.trained_items)
