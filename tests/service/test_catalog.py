@@ -286,3 +286,15 @@ def test_item_head_graphs_take_new_items_and_old_ones_say_how_to_upgrade(tmp_pat
         refused = client.put("/items/h-new", headers=ADMIN, json={"title": "n", "text": texts[2]})
         assert refused.status_code == 409 and "genrec export --bundle" in refused.json()["detail"]
         assert client.put("/items/i2", headers=ADMIN, json={"title": "renamed", "text": "x"}).status_code == 200
+
+
+@pytest.mark.slow
+def test_an_unreachable_catalog_store_refuses_changes_with_503_and_serving_goes_on(catalog_bundle_dir, dead_redis_url,
+                                                                                   catalog_dataset) -> None:
+    settings = make_settings(catalog_bundle_dir, admin_token=TOKEN, redis_url=dead_redis_url)
+    with TestClient(create_app(settings)) as client:
+        response = client.put("/items/while-down", headers=ADMIN, json={"title": "t", "text": catalog_dataset.texts[4]})
+        assert response.status_code == 503 and "nothing was changed" in response.json()["detail"]
+        assert response.headers["Retry-After"]
+        assert client.get("/items/while-down", headers=ADMIN).status_code == 404
+        assert client.post("/recommend", json={"history": ["i4"], "k": 5}).status_code == 200
