@@ -11,7 +11,7 @@ import pytest
 from service.bundle import load_bundle
 from service.new_item_codes import NEW_ITEMS_KEY, OnnxTextEncoder, ResidualQuantizer, load_new_item_coder
 from training.text_encoder_export import add_text_path, export_minilm, quantizer_arrays
-from training.tokenizers import RQKMeansTokenizer, RQVAETokenizer
+from training.tokenizers import LetterTokenizer, RQKMeansTokenizer, RQVAETokenizer
 from training.tokenizers.base import ItemViews
 
 
@@ -30,16 +30,20 @@ def test_residual_kmeans_in_numpy_gives_the_training_codes() -> None:
     assert np.array_equal(quantizer.codes(x), tokenizer.encode(ItemViews(text=x)))
 
 
-def test_the_rqvae_encoder_in_numpy_gives_the_training_codes() -> None:
+@pytest.mark.parametrize("kind", ["rqvae", "letter"])
+def test_the_rqvae_encoder_in_numpy_gives_the_training_codes(kind: str) -> None:
+    """RQ-VAE and LETTER (the same encoder and quantiser; LETTER's collaborative map is not needed to encode)."""
     x = clustered(seed=1)
-    tokenizer = RQVAETokenizer(hidden=(32, 16), latent_dim=8, levels=3, codebook_size=16, steps=60, batch_size=128,
-                               show_progress=False)
-    tokenizer.fit(ItemViews(text=x), seed=0)
-    arrays = quantizer_arrays("rqvae", tokenizer.state_dict())
-    assert not any(k.startswith("decoder.") for k in arrays)  # only what encoding needs
+    views = ItemViews(text=x, collaborative=clustered(dim=16, seed=2))
+    options = dict(hidden=(32, 16), latent_dim=8, levels=3, codebook_size=16, steps=60, batch_size=128,
+                   show_progress=False)
+    tokenizer = RQVAETokenizer(**options) if kind == "rqvae" else LetterTokenizer(**options, diversity_clusters=4)
+    tokenizer.fit(views, seed=0)
+    arrays = quantizer_arrays(kind, tokenizer.state_dict())
+    assert not any(k.startswith(("decoder.", "cf_map")) for k in arrays)  # only what encoding needs
     quantizer = ResidualQuantizer.from_arrays(arrays)
     assert len(quantizer.layers) == 3
-    assert np.array_equal(quantizer.codes(x), tokenizer.encode(ItemViews(text=x)))
+    assert np.array_equal(quantizer.codes(x), tokenizer.encode(views))
 
 
 @pytest.mark.slow
