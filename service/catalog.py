@@ -171,7 +171,7 @@ def apply_records(view: CatalogView, changes: Sequence[ItemRecord], base_popular
             attributes.append({})
             index_of[record.item_id] = index
         if record.codes is not None:
-            old = rows_codes(view, rows, index)
+            old = codes_so_far(view, rows, index)
             if old is not None and code_owner.get(old) == index:
                 del code_owner[old]
             code_owner[record.codes] = index
@@ -199,7 +199,7 @@ def apply_records(view: CatalogView, changes: Sequence[ItemRecord], base_popular
     )
 
 
-def rows_codes(view: CatalogView, rows: list[tuple[int, tuple[int, ...]]], index: int) -> tuple[int, ...] | None:
+def codes_so_far(view: CatalogView, rows: list[tuple[int, tuple[int, ...]]], index: int) -> tuple[int, ...] | None:
     """The codes index holds so far in this application (pending rows first, then the view)."""
     for row_index, codes in reversed(rows):
         if row_index == index:
