@@ -109,3 +109,11 @@ bench-scaleout: $(STAMP) system-deps
 .PHONY: bench-reliability
 bench-reliability: $(STAMP) system-deps
 	$(BIN)/python benchmarks/bench_reliability.py $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(SOAK),--soak-seconds $(SOAK),)
+
+# Catalog updates on loopback (benchmarks/catalog_updates.py): a new-item-split bundle served without its held-out
+# items, 100 of them PUT through /items under open-loop load at 50% of peak (time to recommendable p50/p99, failed
+# requests), then all of them, and R@10/N@10 of users whose target is one, against the bundle with them built in.
+# Ends with one JSON line. BUNDLE=dir picks the bundle (default: newest one trained by `genrec new-items`).
+.PHONY: bench-catalog
+bench-catalog: $(STAMP) system-deps
+	$(BIN)/python benchmarks/catalog_updates.py $(if $(BUNDLE),--bundle $(BUNDLE),)

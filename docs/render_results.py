@@ -57,6 +57,13 @@ TABLES: list[tuple[str, str, str, str]] = [
      "sequence and from tokenizer fitting; at test time they get codes from the model's text-to-codes (STORE) or the "
      "tokenizer's encode. Test R@10 / N@10 by the test target: held out, long tail (<= 5 training interactions), "
      "popular (> 20), all users; the floors on the same users beside the model.", "rows"),
+    ("catalog", "Catalog updates: `make bench-catalog`",
+     "A Scientific bundle trained on the new-item split (`genrec new-items`), served on loopback without its "
+     "held-out items (service, Redis and the load generator on the same 2 cores); 100 of them added back through "
+     "`PUT /items` with their text (codes from the bundle's ONNX MiniLM and numpy RQ-KMeans) while `/recommend` runs "
+     "open-loop at 50% of the measured peak, then the rest; users whose test target is a held-out item ranked through "
+     "`/recommend` (history from the request, k 10), against the same service serving the bundle with those items "
+     "built in at training time.", "figures"),
     ("published", "Published figures on Beauty",
      "Other methods' published test figures under the same protocol, for comparison; not run here.", "rows"),
     ("tuning", "Beauty variants on an H100",

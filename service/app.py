@@ -23,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.admission import AdmissionController
 from service.batcher import BatcherClosed, DeadlineExceeded, MicroBatcher, OverCapacity
 from service.bundle import Bundle, load_bundle
+from service.catalog import Catalog, build_catalog_store
 from service.admin import AdminToken
 from service.clients import (API_KEY_HEADER, ApiKeys, ClientGateMiddleware, RequestBodyMiddleware, TokenBuckets,
                              error_body, is_guarded_path)
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
             await serving.batcher.close(settings.drain_timeout_s)
             await serving.events.close(settings.drain_timeout_s)  # flush the spool into Redis if it is back
             await serving.store.close()
+            await serving.catalog.close()
 
     app = FastAPI(
         title="genrec",
@@ -105,6 +107,10 @@ async def start_serving(
     state.not_ready_reason = "starting: warm-up batch"
     await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
 
+    # Catalog changes made earlier (this process's state file, or every replica's in Redis) re-applied.
+    state.not_ready_reason = "starting: re-applying catalog changes"
+    catalog = Catalog(bundle, engine, build_catalog_store(settings, bundle), poll_s=settings.catalog_poll_s)
+    await catalog.start()
     admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
                                     settings.engine_workers, max_wait_s=settings.max_wait_ms / 1000.0)
     batcher = MicroBatcher(
@@ -140,6 +146,7 @@ async def start_serving(
         events=events,
         metrics=metrics,
         max_history=max_history,
+        catalog=catalog,
     )
 
 

@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     # event_id / Idempotency-Key within the user's last this-many events is acknowledged, not re-applied.
     idempotency_window: int = Field(128, ge=1)
 
+    # --- catalog changes (PUT/DELETE /items) ------------------------------------------------------
+    # Without redis_url, catalog changes are kept in <catalog_state_dir>/catalog/<bundle>/<version>.jsonl
+    # (never inside the bundle, which may be read-only); with Redis they live there, shared by replicas.
+    catalog_state_dir: Path = Path("state")
+    # How often a replica checks the shared catalog's version in Redis and re-applies other replicas' changes.
+    catalog_poll_s: float = Field(1.0, gt=0)
+
     # --- clients ----------------------------------------------------------------------------------
     # API keys accepted in the X-API-Key header on /recommend and /users/{id}/events, comma-separated;
     # with api_keys_file (one key per line) both count. None configured -> those routes are open

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from service.batcher import MicroBatcher
 from service.bundle import Bundle
+from service.catalog import Catalog
 from service.config import Settings
 from service.engine import BeamEngine
 from service.history import CoalescingHistoryReader, HistoryStore
@@ -52,6 +53,7 @@ class Serving:
     events: DurableEventWriter
     metrics: ServiceMetrics
     max_history: int  # history items fed to the model
+    catalog: Catalog  # the items as they are now (added, deleted); recommend and events read catalog.current
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -51,9 +52,12 @@ class HistoryTensorizer:
     zero row appended to the code table so that padding gathers zeros.
     """
 
-    def __init__(self, semantic_ids: np.ndarray, max_history: int) -> None:
+    def __init__(self, semantic_ids: np.ndarray, max_history: int, item_id_rows: int | None = None) -> None:
+        """item_id_rows: the items the graph's item-id table has rows for (the bundle's N); an item
+        added since (index >= N) is fed as the padding row N, so only its codes describe it."""
         n_items, levels = semantic_ids.shape
         self.pad_index = n_items
+        self.item_id_rows = n_items if item_id_rows is None else item_id_rows
         self.max_history = max_history
         self._codes = np.zeros((n_items + 1, levels), dtype=np.int64)  # (N + 1, L), last row = padding
         self._codes[:n_items] = semantic_ids
@@ -72,6 +76,8 @@ class HistoryTensorizer:
         if real.size and (real.min() < 0 or real.max() >= self.pad_index):
             raise ValueError(f"history item index out of range [0, {self.pad_index})")
         history_codes = self._codes[items]  # (B, H, L)
+        if self.item_id_rows < self.pad_index:
+            items = np.minimum(items, self.item_id_rows)
         return {"history_codes": history_codes, "history_mask": history_mask, "history_items": items}
 
 
@@ -141,6 +147,32 @@ def graph_trie_feeds(trie: TrieArrays, declared: dict[str, str]) -> dict[str, np
     return feeds
 
 
+# What a re-exported beam_search.onnx says in its metadata when its item head takes item indices
+# beyond the catalog it was exported with (training/graphs.py): such items get a neutral bonus.
+NEW_ITEM_INDICES_KEY = "genrec.new_item_indices"
+
+
+@dataclass(frozen=True)
+class EngineCatalog:
+    """What a batch reads of the catalog, swapped whole (service/catalog.py builds a new one per change)."""
+
+    version: int
+    tensorize: HistoryTensorizer
+    trie_feeds: dict[str, np.ndarray]  # CPU feeds
+    resident_trie: dict[str, ort.OrtValue]  # the same on the device (IOBinding)
+
+
+def new_items_refused(session: ort.InferenceSession, bundle: Bundle) -> str:
+    """Why this graph cannot serve items added after export ("" when it can): an item head scores
+    items by index over the exported catalog, and only re-exported graphs guard indices beyond it."""
+    if not bundle.manifest.model.get("config", {}).get("item_head"):
+        return ""
+    if session.get_modelmeta().custom_metadata_map.get(NEW_ITEM_INDICES_KEY):
+        return ""
+    return (f"beam_search.onnx of {bundle.name}/{bundle.version} has an item head exported before new items "
+            f"were supported; rebuild its graphs with `genrec export --bundle {bundle.path}` to add items")
+
+
 class OnnxBeamEngine:
     """Runs `beam_search.onnx`: one session.run per batch."""
 
@@ -170,34 +202,60 @@ class OnnxBeamEngine:
         self._calls_in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.beam_size = bundle.beam_size
-        self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
-
-        declared = {i.name: i.type for i in self.session.get_inputs()}
-        trie_feeds = graph_trie_feeds(build_trie(bundle.semantic_ids), declared)
+        self.max_history = max_history or bundle.max_history
+        self.trained_items = bundle.num_items  # rows of the graph's item tables (history ids, item head)
+        self._declared = {i.name: i.type for i in self.session.get_inputs()}
         self._history_inputs = declared_history_inputs(self.session)
-        expected = self._history_inputs | {n: a.dtype.type for n, a in trie_feeds.items()}
-        check_graph_inputs(self.session, expected, "beam_search.onnx")
-        self.trie_nbytes = sum(a.nbytes for a in trie_feeds.values())
-
-        # On a GPU the trie lives on the device for the life of the engine, bound by IOBinding, so a
-        # batch only moves its history tensors. On CPU plain feeds cost nothing extra.
+        self.new_items_refused = new_items_refused(self.session, bundle)
+        # On a GPU the trie lives on the device, bound by IOBinding, so a batch only moves its history
+        # tensors. On CPU plain feeds cost nothing extra.
         self.device = "cuda" if self.provider == CUDA else "cpu"
         self.uses_io_binding = self.device == "cuda" if use_io_binding is None else use_io_binding
-        self._trie_feeds: dict[str, np.ndarray] = {}
-        self._resident_trie: dict[str, ort.OrtValue] = {}
-        if self.uses_io_binding:
-            self._resident_trie = {n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in trie_feeds.items()}
-        else:
-            self._trie_feeds = trie_feeds
+        host_feeds = self._trie_feeds(bundle.semantic_ids, None)
+        expected = self._history_inputs | {n: a.dtype.type for n, a in host_feeds.items()}
+        check_graph_inputs(self.session, expected, "beam_search.onnx")
+        self.trie_nbytes = sum(a.nbytes for a in host_feeds.values())
+        self._catalog = self._engine_catalog(bundle.semantic_ids, host_feeds, 0)
+
+    def _trie_feeds(self, semantic_ids: np.ndarray, live: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The trie inputs of the live items, leaves mapped back to their item indices."""
+        live_items = np.arange(len(semantic_ids)) if live is None else np.flatnonzero(live)
+        trie = build_trie(semantic_ids[live_items])
+        if live is not None:
+            trie = replace(trie, leaf_items=live_items[trie.leaf_items].astype(np.int32))
+        return graph_trie_feeds(trie, self._declared)
+
+    def prepare_catalog(self, semantic_ids: np.ndarray, live: np.ndarray | None = None, version: int = 0) -> EngineCatalog:
+        """The history code table and trie inputs of a catalog (service/catalog.py calls it off the
+        request path): semantic_ids (M, L) of every item index, live (M,) bool the ones the beam may
+        return (None: all). Indices beyond the bundle's N are items added since export."""
+        if len(semantic_ids) > self.trained_items and self.new_items_refused:
+            raise ValueError(self.new_items_refused)
+        return self._engine_catalog(semantic_ids, self._trie_feeds(semantic_ids, live), version)
+
+    def _engine_catalog(self, semantic_ids: np.ndarray, feeds: dict[str, np.ndarray], version: int) -> EngineCatalog:
+        resident = ({n: ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for n, a in feeds.items()}
+                    if self.uses_io_binding else {})
+        tensorize = HistoryTensorizer(semantic_ids, self.max_history, item_id_rows=self.trained_items)
+        return EngineCatalog(version, tensorize, {} if self.uses_io_binding else feeds, resident)
+
+    def swap_catalog(self, catalog: EngineCatalog) -> None:
+        """One reference assignment: a batch reads the catalog once, so it sees the old or the new one whole."""
+        self._catalog = catalog
+
+    @property
+    def catalog_version(self) -> int:
+        return self._catalog.version
 
     def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        feeds = self._tensorize(histories)
+        catalog = self._catalog  # this batch's one snapshot of the catalog (codes table and trie)
+        feeds = catalog.tensorize(histories)
         history = {name: feeds[name] for name in self._history_inputs}
         if self.uses_io_binding:
             binding = self.session.io_binding()
             for name, array in history.items():
                 binding.bind_cpu_input(name, array)
-            for name, value in self._resident_trie.items():
+            for name, value in catalog.resident_trie.items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output("item_indices", "cpu")
             binding.bind_output("scores", "cpu")
@@ -208,7 +266,7 @@ class OnnxBeamEngine:
                 self._calls_in_flight += 1
                 session = self.session if self._calls_in_flight == 1 else self.busy_session
             try:
-                item_indices, scores = session.run(["item_indices", "scores"], history | self._trie_feeds)
+                item_indices, scores = session.run(["item_indices", "scores"], history | catalog.trie_feeds)
             finally:
                 with self._in_flight_lock:
                     self._calls_in_flight -= 1

@@ -108,7 +108,13 @@ def rerank_with_item_head(
     """The beam's candidates ranked by codes' log-probability + item_head_weight * the item head's
     log-probability. user_state (B, D); items (B, k), -1 for no item; scores (B, k). Dead beams keep
     their score (<= NEG / 2), so they stay last. -> (items, scores), best first."""
-    bonus = model.item_log_probs(user_state).gather(1, items.clamp(min=0))
+    log_probs = model.item_log_probs(user_state)  # (B, N) over the catalog the model was trained on
+    trained = (items >= 0) & (items < log_probs.shape[1])
+    bonus = log_probs.gather(1, items.clamp(0, log_probs.shape[1] - 1))
+    # An item added after export (index >= N, service/catalog.py) has no row: it takes the mean bonus
+    # of the beam's trained items, so the head neither lifts nor buries it among them.
+    neutral = (bonus * trained).sum(1, keepdim=True) / trained.sum(1, keepdim=True).clamp(min=1)
+    bonus = torch.where(trained, bonus, neutral)
     combined = torch.where(items >= 0, scores + model.cfg.item_head_weight * bonus, scores)
     combined, order = combined.topk(items.shape[1], dim=1)
     return items.gather(1, order), combined
@@ -153,6 +159,8 @@ class ConstrainedBeamSearch(nn.Module):
             x = model.step_input(step, code.reshape(-1), memory[:, -1])  # (B * k, D)
             if step == levels - 1 and step > 0:
                 log_probs = self.last_level_log_probs(x, self_kv, cross_kv, cross_bias, node, trie_codes[step])
+                log_probs = self.new_items_as_average_siblings(log_probs, node, trie_codes[step], trie_offsets[step],
+                                                               leaf_items)
             else:
                 hidden, self_kv = model.decode_newest(x, self_kv, cross_kv, cross_bias, groups=k)
                 log_probs = model.level_log_probs(hidden, step).reshape(-1, k, model.cfg.max_codebook)  # (B, k, V)
@@ -190,6 +198,30 @@ class ConstrainedBeamSearch(nn.Module):
         log_probs = torch.zeros(x.shape[0], v, dtype=computed.dtype, device=x.device)
         log_probs = log_probs.scatter(0, rows[:, None].expand(-1, v), computed)
         return log_probs.reshape(-1, k, v)
+
+
+    def new_items_as_average_siblings(
+        self, log_probs: torch.Tensor, node: torch.Tensor, trie_codes: torch.Tensor, trie_offsets: torch.Tensor,
+        leaf_items: torch.Tensor,
+    ) -> torch.Tensor:
+        """At the collision level, a child that is an item added after training (leaf item index >=
+        the model's item_count, service/catalog.py) gets the log of its trained siblings' mean
+        probability instead of its code's own: the collision code only numbers items sharing the
+        other codes, and a code no item held in training was only ever pushed down. log_probs
+        (B, k, V); node (B, k) at the last depth. Unchanged when every leaf is a trained item."""
+        n_trained = self.model.cfg.item_count
+        if n_trained < 1:
+            return log_probs
+        _, k, v = log_probs.shape
+        slots = slot_grid(trie_codes, node, v + 1)[..., 1:]  # (B, k, V): slot of code c, -1 where no child
+        leaf = trie_offsets[node].long()[..., None] + slots.clamp(min=0)
+        item = leaf_items[leaf.clamp(max=leaf_items.shape[0] - 1)].long()
+        new = (slots >= 0) & (item >= n_trained)
+        trained = (slots >= 0) & (item < n_trained)
+        siblings = torch.where(trained, log_probs, torch.full_like(log_probs, NEG)).logsumexp(-1, keepdim=True)
+        average = siblings - trained.sum(-1, keepdim=True).clamp(min=1).to(log_probs.dtype).log()
+        average = torch.where(trained.any(-1, keepdim=True), average, torch.zeros_like(average))
+        return torch.where(new, average.expand_as(log_probs), log_probs)
 
 
 class EncoderGraph(nn.Module):

@@ -129,6 +129,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_path(args: argparse.Namespace) -> int:
+    """Adds the new-item text path (text encoder graph, tokenizer arrays) to an existing bundle."""
+    from training.text_encoder_export import add_text_path_to_bundle
+
+    spec = add_text_path_to_bundle(args.bundle, args.dataset)
+    print(json.dumps({"bundle": str(args.bundle), "new_items": spec}))
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     """Rebuilds a bundle's graphs from its weights with the current code (no retraining)."""
     from training.export import reexport_graphs
@@ -207,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="rebuild a bundle's ONNX graphs from its recommender.safetensors, in place")
     p.add_argument("--bundle", required=True, type=Path)
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("text-path", help="add what gives new items codes from their text (PUT /items) to a bundle")
+    p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--dataset", default=None, help="the dataset with the items' texts; defaults to the bundle's")
+    p.set_defaults(func=_text_path)
 
     p = sub.add_parser("serve", help="run the service (same as python -m service)")
     p.set_defaults(func=_serve)

@@ -28,6 +28,18 @@ def export_onnx(module: torch.nn.Module, args: tuple, path: Path, inputs: list[s
     path.write_bytes(buffer.getvalue())
 
 
+def stamp_new_item_indices(path: Path) -> None:
+    """Marks a beam search whose item head accepts item indices beyond the exported catalog (items the
+    service adds later; rerank_with_item_head gives them a neutral bonus), so the service knows."""
+    import onnx
+
+    from service.engine import NEW_ITEM_INDICES_KEY
+
+    graph = onnx.load(str(path))
+    onnx.helper.set_model_props(graph, {NEW_ITEM_INDICES_KEY: "average-sibling collision code, neutral item-head bonus"})
+    onnx.save(graph, str(path))
+
+
 def export_seq2seq_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray, beam_size: int, out_dir: Path) -> None:
     model = model.cpu().eval()
     levels = model.cfg.levels
@@ -46,6 +58,7 @@ def export_seq2seq_graphs(model: GenerativeRecommender, semantic_ids: np.ndarray
         [*history_names, *trie_input_names(levels)], ["item_indices", "scores"],
         history_axes | trie_axes | {"item_indices": {0: "batch"}, "scores": {0: "batch"}},
     )
+    stamp_new_item_indices(out_dir / "beam_search.onnx")
     export_onnx(
         EncoderGraph(model), history, out_dir / "encoder.onnx", history_names, EncoderGraph.output_names(model),
         history_axes | {"memory": {0: "batch", 1: "history"}, "item_bonus": {0: "batch"}},

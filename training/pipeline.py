@@ -20,6 +20,7 @@ from training.data import item_popularity, leave_one_out, load_dataset, make_syn
 from training.embeddings import embed_items, get_text_encoder
 from training.evaluation import beam_ranker, evaluate, unconstrained_topk
 from training.export import check_bundle, write_bundle
+from training.text_encoder_export import add_text_path
 from training.baselines import evaluate_baselines
 from training.item_features import item_views, sasrec_reference
 from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
@@ -297,6 +298,12 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         },
         extra_files=[run_dir / "training_curve.jsonl", run_dir / "tokenizer_fit.json"],
     )
+    # What gives a new item codes from its text in the service (text encoder graph, tokenizer arrays).
+    new_item_path = add_text_path(bundle_dir, tokenizer_kind=tokenizer.kind, tokenizer_state=tokenizer.state_dict(),
+                                  item_features=cfg.item_features, text_encoder=cfg.text_encoder, texts=dataset.texts,
+                                  text_embeddings=views.text, seed=seed)
+    if progress:
+        print(f"[genrec] new-item text path: {json.dumps(new_item_path)}", flush=True)
     rng = np.random.default_rng(seed)
     sample = rng.choice(len(splits.test_histories), min(cfg.check_users, len(splits.test_histories)), replace=False)
     check = check_bundle(bundle_dir, result.model, [splits.test_histories[i] for i in sample])

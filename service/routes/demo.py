@@ -133,12 +133,13 @@ async def user_sequence(user_id: str, catalog: CatalogDep, serving: ServingDep) 
 
 @router.get("/demo/history/{user_id}", response_model=DemoHistory, dependencies=DEMO_ONLY,
             summary="The stored history of a demo- session user, oldest first")
-async def demo_history(user_id: str, catalog: CatalogDep, serving: ServingDep) -> DemoHistory:
+async def demo_history(user_id: str, serving: ServingDep) -> DemoHistory:
     if not user_id.startswith(DEMO_USER_PREFIX):
         raise ApiError(403, f"only the page's own users ({DEMO_USER_PREFIX}...) can be read here")
     try:
         stored = (await serving.store.get_many([user_id]))[user_id]
     except HistoryStoreError as error:
         raise ApiError(503, f"history store unavailable ({error})", headers={"Retry-After": "1"}) from error
-    known, _ = serving.bundle.lookup(stored)
-    return DemoHistory(user_id=user_id, items=[catalog.item(i) for i in known])
+    view = serving.catalog.current  # items added through PUT /items too
+    known, _ = view.lookup(stored)
+    return DemoHistory(user_id=user_id, items=[DemoItem(item_id=view.item_ids[i], title=view.titles[i]) for i in known])

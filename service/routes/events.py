@@ -32,11 +32,12 @@ async def append_events(
                description="The event's idempotency key; the same as sending `event_id` in the body."),
     ] = None,
 ) -> EventsResponse:
-    _, unknown = serving.bundle.lookup(body.item_ids)
+    _, unknown = serving.catalog.current.lookup(body.item_ids)
     if unknown:  # all or nothing: a history holds only ids the bundle knows
         raise ApiError(
             422,
-            f"{len(unknown)} item id(s) are not in the catalog of {serving.bundle.name}/{serving.bundle.version}; "
+            f"{len(unknown)} item id(s) are not in the catalog of {serving.bundle.name}/{serving.bundle.version} "
+            "(nor added with PUT /items); "
             "nothing was written. Remove them and resend.",
             errors=[{"loc": "body.item_ids", "message": "unknown item ids", "unknown_item_ids": unknown[:100]}],
         )

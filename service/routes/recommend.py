@@ -36,7 +36,8 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     history_done = loop.time()
     metrics.stages["history"].observe(history_done - started)
 
-    known, unknown = serving.bundle.lookup(raw_history)
+    catalog = serving.catalog.current  # one view for the whole request: ids, titles, popularity
+    known, unknown = catalog.lookup(raw_history)
     if unknown:
         more = f" (and {len(unknown) - _PREVIEW} more)" if len(unknown) > _PREVIEW else ""
         warnings.append(f"dropped {len(unknown)} unknown item id(s): {unknown[:_PREVIEW]}{more}")
@@ -51,7 +52,12 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
         metrics.stages["engine"].observe(result.engine_s)
         response_started = loop.time()
         strategy = "generative"
-        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, serving.bundle.popularity, body.k, excluded)
+        # The batch may have run on a newer catalog than the view read above: re-read it (it is at least
+        # the batch's), and leave out items deleted since the batch's trie was built.
+        catalog = serving.catalog.current
+        gone = {int(i) for i in result.item_indices if i >= 0 and not catalog.live[i]}
+        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, catalog.popularity, body.k,
+                                                  excluded | gone)
         if from_beam < body.k:
             warnings.append(
                 f"beam search (width {serving.engine.beam_size}) gave {from_beam} item(s) after exclusions; "
@@ -60,14 +66,14 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     else:
         response_started = loop.time()
         strategy = "popular"
-        ranked, _ = merge_with_popularity((), (), serving.bundle.popularity, body.k, excluded)
+        ranked, _ = merge_with_popularity((), (), catalog.popularity, body.k, excluded)
         warnings.append("no known history items: returning the most popular items")
     if len(ranked) < body.k:
         warnings.append(f"only {len(ranked)} item(s) available after exclusions (k={body.k})")
 
     bundle = serving.bundle
     response = RecommendResponse(
-        items=[RecommendedItem(item_id=bundle.item_ids[i], title=bundle.titles[i], score=s) for i, s in ranked],
+        items=[RecommendedItem(item_id=catalog.item_ids[i], title=catalog.titles[i], score=s) for i, s in ranked],
         model=ModelRef(name=bundle.name, version=bundle.version),
         strategy=strategy,
         degraded=degraded,

@@ -210,3 +210,32 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRed
         yield cluster
     finally:
         cluster.stop()
+
+
+def build_catalog_bundle(out_dir: Path, epochs: int = 15, **model_overrides) -> Path:
+    """The tiny configuration with room for new items (collision level of 8) and enough epochs that its
+    recommendations follow the history's topic, so a new item's neighbours can be asked for."""
+    from dataclasses import replace
+
+    from training.configs import get_config
+    from training.data import make_synthetic_dataset, write_dataset
+    from training.pipeline import run_pipeline
+
+    data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), out_dir / "data")
+    cfg = get_config("tiny", str(data_dir))
+    cfg = replace(cfg, collision_capacity=8, train=replace(cfg.train, epochs=epochs, patience=epochs),
+                  model=replace(cfg.model, **model_overrides))
+    return Path(run_pipeline(cfg, seed=0, models_dir=out_dir / "models", progress=False)["bundle"])
+
+
+@pytest.fixture(scope="session")
+def catalog_bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_catalog_bundle(tmp_path_factory.mktemp("catalog-bundle"))
+
+
+@pytest.fixture(scope="session")
+def catalog_dataset(catalog_bundle_dir: Path):
+    """The synthetic dataset the catalog bundle was trained on (its items' texts)."""
+    from training.data import load_dataset
+
+    return load_dataset(str(catalog_bundle_dir.parent.parent.parent / "data"))

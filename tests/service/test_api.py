@@ -25,7 +25,7 @@ def make_settings(bundle_dir: Path, **overrides: Any) -> Settings:
     machine must not see 429s from admission; test_admission.py covers it)."""
     options: dict[str, Any] = dict(bundle_dir=bundle_dir, onnx_providers="cpu", max_wait_ms=1.0, max_batch_size=8,
                                    event_spool_path=Path(tempfile.mkdtemp(prefix="spool-")) / "events.jsonl",
-                                   latency_budget_ms=0)
+                                   latency_budget_ms=0, catalog_state_dir=Path(tempfile.mkdtemp(prefix="catalog-")))
     options.update(overrides)
     return Settings(**options)
 

@@ -19,7 +19,7 @@ def test_export_rebuilds_graphs_in_place_with_fresh_digests(tiny_bundle: Path, t
     shutil.copytree(tiny_bundle, copy)
     before = OnnxBeamEngine(load_bundle(copy), providers="cpu")
     rng = np.random.default_rng(0)
-    histories = [rng.integers(0, before._tensorize.pad_index, size=n) for n in (1, 3, 7, 12)]
+    histories = [rng.integers(0, before.trained_items, size=n) for n in (1, 3, 7, 12)]
     expected_items, expected_scores = before.search(histories)
 
     graph = copy / "beam_search.onnx"

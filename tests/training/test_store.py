@@ -215,3 +215,26 @@ def test_the_task_starts_the_text_rows_from_minilm_when_asked() -> None:
     torch.testing.assert_close(model.token_embeddings.weight[:30522], table)
     torch.testing.assert_close(model.output_embeddings.weight[:30522], table)
     assert not torch.equal(model.token_embeddings.weight[30522:30530], table[:8])  # markers and codes keep their init
+
+
+def test_put_items_on_a_store_bundle_takes_t2k_codes(store_run: dict, tmp_path: Path) -> None:
+    """STORE bundles give new items their codes with their own T2K graph through the catalog API."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.service.test_api import make_settings
+
+    bundle_dir = Path(store_run["bundle"])
+    bundle = load_bundle(bundle_dir)
+    spec = bundle.manifest.tokenizer["new_items"]
+    assert spec["codes_from"] == "t2k" and spec["parity"]["items_checked"] == bundle.num_items  # T2K is learned: not all equal
+    dataset = load_dataset(str(bundle_dir.parents[2] / "data"))
+    from training.splits import new_item_split
+
+    item = int(new_item_split(dataset, 20, 0.1, 0).held_out[0])
+    settings = make_settings(bundle_dir, admin_token="t", catalog_state_dir=tmp_path / "state")
+    with TestClient(create_app(settings)) as client:
+        response = client.put("/items/store-new", headers={"Authorization": "Bearer t"},
+                              json={"title": "new", "text": dataset.texts[item]})
+        assert response.status_code == 201, response.text
+        assert response.json()["codes"][:-1] == bundle.semantic_ids[item, :-1].tolist()
