@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +28,14 @@ from service.admin import AdminToken
 from service.clients import (API_KEY_HEADER, ApiKeys, ClientGateMiddleware, RequestBodyMiddleware, TokenBuckets,
                              error_body, is_guarded_path)
 from service.config import Settings, engine_threads
+from service.constraints import AttributeIndex, RestrictionCache
 from service.deps import ApiError, AppState, Serving
 from service.engine import BeamEngine, OnnxBeamEngine
 from service.history import CoalescingHistoryReader, HistoryStore, InMemoryHistoryStore, RedisHistoryStore
 from service.metrics import ServiceMetrics
 from service.reference import ReferenceBeamEngine
 from service.routes import ROUTERS
+from service.reload import OpenedBundle, Reloader
 from service.spool import DurableEventWriter
 
 log = logging.getLogger("service")
@@ -61,6 +64,8 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
         finally:
             state.start_draining()
             state.accepting = False
+            await reloader.close(settings.drain_timeout_s)  # a reload in progress, retired batchers
+            serving = state.serving or serving  # a reload may have swapped it
             await serving.batcher.close(settings.drain_timeout_s)
             await serving.events.close(settings.drain_timeout_s)  # flush the spool into Redis if it is back
             await serving.store.close()
@@ -73,6 +78,10 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     )
     app.state.genrec = state
     app.state.admin_token = AdminToken(settings.admin_token)
+    # After a reload the OpenAPI examples are rebuilt from the new bundle's item ids.
+    reloader = Reloader(state, lambda bundle_dir: open_bundle(settings, metrics, bundle_dir),
+                        on_swap=lambda: setattr(app, "openapi_schema", None))
+    app.state.reloader = reloader
     for router in ROUTERS:
         app.include_router(router)
     _add_error_handlers(app)
@@ -97,12 +106,42 @@ async def start_serving(
     # An engine thread needs the GIL to start a batch and to hand back its result; a busy event loop
     # gives it up only every switch interval (Python's default 5 ms, longer than a small batch's run).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
+    opened = await open_bundle(settings, metrics, settings.resolved_bundle_dir(), state)
+    store = history_store if history_store is not None else build_store(settings, opened.max_history)
+    if not await store.ping():  # a store outage degrades answers, it does not block readiness
+        log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
+    events = DurableEventWriter.for_store(store, settings.event_spool_path, settings.event_spool_max_bytes, metrics)
+    await events.start()
+    metrics.set_model(opened.bundle.name, opened.bundle.version)
+    # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
+    # full collections (pauses in the request path) short.
+    gc.freeze()
+    return Serving(
+        settings=settings,
+        bundle=opened.bundle,
+        engine=opened.engine,
+        engine_kind=settings.engine,
+        batcher=opened.batcher,
+        store=store,
+        history_reader=CoalescingHistoryReader(store),
+        events=events,
+        metrics=metrics,
+        max_history=opened.max_history,
+        restrictions=opened.restrictions,
+    )
+
+
+async def open_bundle(settings: Settings, metrics: ServiceMetrics, bundle_dir: Path, state: AppState | None = None) -> OpenedBundle:
+    """Load and verify a bundle (checksums), build its engine, run the warm-up batch and start its
+    batcher: what serving one bundle needs, at startup and for a reload (service/reload.py)."""
     # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
-    bundle = await asyncio.to_thread(load_bundle, settings.resolved_bundle_dir())
+    bundle = await asyncio.to_thread(load_bundle, bundle_dir)
     max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
-    state.not_ready_reason = "starting: building the engine and the trie"
+    if state is not None:
+        state.not_ready_reason = "starting: building the engine and the trie"
     engine = await asyncio.to_thread(build_engine, settings, bundle, max_history)
-    state.not_ready_reason = "starting: warm-up batch"
+    if state is not None:
+        state.not_ready_reason = "starting: warm-up batch"
     await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
 
     admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
@@ -120,27 +159,9 @@ async def start_serving(
         metrics=metrics,
     )
     await batcher.start()
-    store = history_store if history_store is not None else build_store(settings, max_history)
-    if not await store.ping():  # a store outage degrades answers, it does not block readiness
-        log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
-    events = DurableEventWriter.for_store(store, settings.event_spool_path, settings.event_spool_max_bytes, metrics)
-    await events.start()
-    metrics.set_model(bundle.name, bundle.version)
-    # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
-    # full collections (pauses in the request path) short.
-    gc.freeze()
-    return Serving(
-        settings=settings,
-        bundle=bundle,
-        engine=engine,
-        engine_kind=settings.engine,
-        batcher=batcher,
-        store=store,
-        history_reader=CoalescingHistoryReader(store),
-        events=events,
-        metrics=metrics,
-        max_history=max_history,
-    )
+    restrictions = RestrictionCache(bundle.semantic_ids, AttributeIndex.from_rows(bundle.attributes, bundle.num_items),
+                                    bundle.popularity)
+    return OpenedBundle(bundle, engine, batcher, max_history, restrictions)
 
 
 def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:

@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from service.batcher import MicroBatcher
 from service.bundle import Bundle
 from service.config import Settings
+from service.constraints import RestrictionCache
 from service.engine import BeamEngine
 from service.history import CoalescingHistoryReader, HistoryStore
 from service.metrics import ServiceMetrics
@@ -52,6 +53,7 @@ class Serving:
     events: DurableEventWriter
     metrics: ServiceMetrics
     max_history: int  # history items fed to the model
+    restrictions: RestrictionCache  # per-request constraints over this bundle's catalog (service/constraints.py)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError
+from service.constraints import Restriction
 from service.trie import TrieArrays, build_trie
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ class BeamEngine(Protocol):
     beam_size: int
     provider: str  # the execution provider actually running the model
 
-    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """histories: per request, int item indices oldest first (non-empty).
+    def search(self, histories: Sequence[np.ndarray], restriction: Restriction | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """histories: per request, int item indices oldest first (non-empty). restriction: search only
+        its allowed items (service/constraints.py), for every request of the call.
         Returns item_indices int64 (B, beam) with -1 where no item, scores float32 (B, beam)."""
         ...
 
@@ -173,6 +175,7 @@ class OnnxBeamEngine:
         self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
 
         declared = {i.name: i.type for i in self.session.get_inputs()}
+        self._declared_inputs = declared
         trie_feeds = graph_trie_feeds(build_trie(bundle.semantic_ids), declared)
         self._history_inputs = declared_history_inputs(self.session)
         expected = self._history_inputs | {n: a.dtype.type for n, a in trie_feeds.items()}
@@ -190,14 +193,20 @@ class OnnxBeamEngine:
         else:
             self._trie_feeds = trie_feeds
 
-    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, histories: Sequence[np.ndarray], restriction: Restriction | None = None) -> tuple[np.ndarray, np.ndarray]:
         feeds = self._tensorize(histories)
         history = {name: feeds[name] for name in self._history_inputs}
+        # A restricted search feeds the allowed items' trie (built once per restriction, in this thread).
+        restricted = None if restriction is None else restriction.built(
+            ("graph", id(self)), lambda: graph_trie_feeds(restriction.trie(), self._declared_inputs))
         if self.uses_io_binding:
             binding = self.session.io_binding()
             for name, array in history.items():
                 binding.bind_cpu_input(name, array)
-            for name, value in self._resident_trie.items():
+            if restricted is not None:
+                for name, array in restricted.items():
+                    binding.bind_cpu_input(name, array)
+            for name, value in ({} if restricted is not None else self._resident_trie).items():
                 binding.bind_ortvalue_input(name, value)
             binding.bind_output("item_indices", "cpu")
             binding.bind_output("scores", "cpu")
@@ -208,7 +217,8 @@ class OnnxBeamEngine:
                 self._calls_in_flight += 1
                 session = self.session if self._calls_in_flight == 1 else self.busy_session
             try:
-                item_indices, scores = session.run(["item_indices", "scores"], history | self._trie_feeds)
+                trie = self._trie_feeds if restricted is None else restricted
+                item_indices, scores = session.run(["item_indices", "scores"], history | trie)
             finally:
                 with self._in_flight_lock:
                     self._calls_in_flight -= 1
