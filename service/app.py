@@ -287,8 +287,12 @@ def _openapi(app: FastAPI, state: AppState) -> dict[str, Any]:
     known = [bundle.item_ids[int(i)] for i in bundle.popularity[:3]]
     schemas = schema["components"]["schemas"]
     schemas["EventsRequest"]["examples"] = [{"item_ids": known[:2], "event_id": "3f6c1a9e-click-0001"}]
-    schemas["RecommendRequest"]["examples"] = [{"user_id": "A1B2C3", "k": 10},
-                                               {"history": known, "k": 5, "exclude_history": True}]
+    examples: list[dict[str, Any]] = [{"user_id": "A1B2C3", "k": 10}, {"history": known, "k": 5, "exclude_history": True}]
+    attributes = bundle.attributes[int(bundle.popularity[0])] if bundle.attributes else {}
+    if attributes:  # a filter on the most popular item's first attribute, so the example matches items
+        name = sorted(attributes)[0]
+        examples.append({"history": known[:2], "k": 5, "filters": {name: attributes[name][0]}, "exclude": known[2:]})
+    schemas["RecommendRequest"]["examples"] = examples
     app.openapi_schema = schema
     return schema
 
