@@ -190,19 +190,30 @@ class Restriction:
         return self.built("prefixes", lambda: allowed_prefixes(self.semantic_ids, self.allowed))
 
 
+# Bytes a restriction may hold per allowed item, with its trie built twice over (the arrays and a
+# graph's feeds: ~34 bytes an item each at 10M items, docs/architecture.md) plus its popularity order.
+_BYTES_PER_ALLOWED_ITEM = 2 * 40 + 8
+
+
 class RestrictionCache:
-    """Recently used restrictions of one catalog (LRU), so a page's repeated filter costs its mask and
-    trie once. A catalog change (new codes, active items) needs a new cache: `clear()` it when the
-    catalog's tables are swapped."""
+    """Recently used restrictions of one catalog (LRU, bounded in entries and in estimated bytes), so a
+    page's repeated filter costs its mask and trie once. A catalog change (new codes, active items)
+    needs a new cache: `clear()` it when the catalog's tables are swapped."""
 
     def __init__(self, semantic_ids: np.ndarray, attributes: AttributeIndex, popularity: np.ndarray,
-                 active: np.ndarray | None = None, max_entries: int = 64) -> None:
+                 active: np.ndarray | None = None, max_entries: int = 64, max_bytes: int = 256 << 20) -> None:
         self.semantic_ids = semantic_ids
         self.attributes = attributes
         self.popularity = np.asarray(popularity, dtype=np.int64)
         self.active = active
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._entries: OrderedDict[Constraint, Restriction] = OrderedDict()
+        self._bytes = 0
+
+    @staticmethod
+    def _size(entry: Restriction) -> int:
+        return entry.allowed.nbytes + _BYTES_PER_ALLOWED_ITEM * int(entry.popular.size)
 
     def get(self, constraint: Constraint) -> Restriction:
         entry = self._entries.get(constraint)
@@ -212,12 +223,18 @@ class RestrictionCache:
         allowed = allowed_items(constraint, self.attributes, self.active)
         entry = Restriction(constraint, allowed, self.popularity[allowed[self.popularity]], self.semantic_ids)
         self._entries[constraint] = entry
-        if len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self._bytes += self._size(entry)
+        while len(self._entries) > 1 and (len(self._entries) > self.max_entries or self._bytes > self.max_bytes):
+            _, evicted = self._entries.popitem(last=False)  # requests holding it keep it alive until answered
+            self._bytes -= self._size(evicted)
         return entry
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
 
 
 def search_grouped(engine: Any, histories: Sequence[np.ndarray],

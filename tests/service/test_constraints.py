@@ -186,3 +186,19 @@ def test_a_bundle_without_attributes_still_loads_and_refuses_filters(demo_bundle
         included = client.post("/recommend", json={"history": [rows[0]["item_id"]], "k": 2,
                                                    "include": [rows[5]["item_id"], rows[6]["item_id"]]}).json()
         assert {item["item_id"] for item in included["items"]} == {rows[5]["item_id"], rows[6]["item_id"]}
+
+
+def test_the_restriction_cache_reuses_equal_constraints_and_stays_bounded() -> None:
+    rows = [{"brand": [f"b{i % 7}"]} for i in range(100)]
+    codes = np.stack([np.arange(100) // 10, np.arange(100) % 10], axis=1)
+    cache = RestrictionCache(codes, AttributeIndex.from_rows(rows, 100), np.arange(100)[::-1], max_entries=4)
+    first = cache.get(Constraint(filters=(("brand", ("b1",)),)))
+    assert cache.get(Constraint(filters=(("brand", ("b1",)),))) is first  # one mask and trie per constraint
+    assert first.popular.tolist() == [i for i in range(99, -1, -1) if i % 7 == 1]
+    for n in range(10):
+        cache.get(Constraint(exclude=(n,)))
+    assert len(cache) == 4 and cache.get(Constraint(filters=(("brand", ("b1",)),))) is not first
+    small = RestrictionCache(codes, AttributeIndex.from_rows(rows, 100), np.arange(100), max_bytes=1)
+    for n in range(3):
+        small.get(Constraint(exclude=(n,)))
+    assert len(small) == 1  # over the byte bound only the newest stays
