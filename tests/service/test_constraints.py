@@ -82,6 +82,7 @@ def test_the_graph_searches_the_restricted_trie_as_the_reference_search_does(dem
     """Same items and scores from beam_search.onnx on the restricted trie as from the plain search that
     follows only allowed prefixes: the constraint is a mask over leaves and prefixes inside the search."""
     graph = OnnxBeamEngine(demo_bundle, providers="cpu")
+    bound = OnnxBeamEngine(demo_bundle, providers="cpu", use_io_binding=True)  # the GPU's feeding path, on CPU
     reference = ReferenceBeamEngine(demo_bundle, providers="cpu")
     cache = RestrictionCache(demo_bundle.semantic_ids, attribute_index(demo_bundle), demo_bundle.popularity)
     category = demo_bundle.attributes[0]["category"][0]
@@ -95,6 +96,7 @@ def test_the_graph_searches_the_restricted_trie_as_the_reference_search_does(dem
         found = items >= 0
         assert np.array_equal(items, expected_items)
         np.testing.assert_allclose(scores[found], expected_scores[found], atol=1e-4)
+        assert np.array_equal(bound.search(histories, restriction=restriction)[0], items)
         assert restriction.allowed[items[found]].all()
         assert found.sum(axis=1).tolist() == [min(restriction.count, graph.beam_size)] * len(histories)
 
