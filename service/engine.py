@@ -203,11 +203,12 @@ class OnnxBeamEngine:
             binding = self.session.io_binding()
             for name, array in history.items():
                 binding.bind_cpu_input(name, array)
-            if restricted is not None:
+            if restricted is None:
+                for name, value in self._resident_trie.items():
+                    binding.bind_ortvalue_input(name, value)
+            else:  # a restricted trie is copied to the device per call
                 for name, array in restricted.items():
                     binding.bind_cpu_input(name, array)
-            for name, value in ({} if restricted is not None else self._resident_trie).items():
-                binding.bind_ortvalue_input(name, value)
             binding.bind_output("item_indices", "cpu")
             binding.bind_output("scores", "cpu")
             self.session.run_with_iobinding(binding)
