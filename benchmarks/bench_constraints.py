@@ -13,7 +13,8 @@ redis-server on loopback.
   one engine call per request). p50/p99 from the client, throughput, failures; and each kind's
   closed-loop peak.
 - reloads: open loop at 50% of peak while POST /admin/reload switches bundle versions 3 times (two
-  copies of the bundle under a models root): failed requests (target 0), by status, and each reload's time.
+  copies of the bundle under a models root): failed requests (target 0), by status and reason, each
+  reload's time, and the p99 beside that of the same load without reloads just before.
 
 Both run with admission off (GENREC_LATENCY_BUDGET_MS=0, as bench_reliability's peak): every request
 is answered, so latencies of the kinds compare on the same requests and any non-200 is a failure (with
@@ -137,6 +138,19 @@ async def admin_reload(port: int, bundle_dir: str) -> tuple[int, dict]:
     return status, json.loads(answer or b"{}")
 
 
+def rejections(svc) -> Counter:
+    """genrec_rejections_total by reason (deadline: 503 past the request deadline; draining: 503 from a
+    closed batcher; over_budget / queue_full: 429)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: Counter = Counter()
+    for family in text_string_to_metric_families(svc.get("/metrics")[1].decode()):
+        for sample in family.samples:
+            if sample.name == "genrec_rejections_total":
+                out[sample.labels["reason"]] += int(sample.value)
+    return out
+
+
 def reloads_under_load(bundle: Bundle, bundle_dir: Path, redis: Redis, work: Path, user_ids: list[str],
                        peak: float, reloads: int = 3) -> dict:
     models = work / "reload-models"
@@ -169,13 +183,19 @@ def reloads_under_load(bundle: Bundle, bundle_dir: Path, redis: Redis, work: Pat
             await reload_three()
             return await load
 
+        # The same load without reloads first: what the p99 is on this machine now, without them.
+        baseline = loadgen.run(loadgen.open_loop(HOST, svc.port, make, rate, 2.0 + reloads * 8.0, seed=5))
+        before = rejections(svc)
         result = loadgen.run(main())
+        reasons = dict(rejections(svc) - before)
     finally:
         svc.stop()
     failed = sum(n for s, n in result.statuses.items() if s != 200) + result.errors
     out = {"offered_rps": round(rate, 1), "sent": result.sent, "ok": result.ok, "failed": failed,
-           "by_status": dict(result.statuses), "broken_connections": result.errors,
+           "by_status": dict(result.statuses), "rejected_by_reason": reasons, "broken_connections": result.errors,
            "p50_ms": round(result.percentile_ms(50), 2), "p99_ms": round(result.percentile_ms(99), 2),
+           "no_reload_p99_ms": round(baseline.percentile_ms(99), 2),
+           "no_reload_failed": sum(n for s, n in baseline.statuses.items() if s != 200) + baseline.errors,
            "reloads_ok": sum(o["status"] == 200 for o in outcomes), "reload_seconds": [o["seconds"] for o in outcomes]}
     table(f"reloads: {reloads} POST /admin/reload under open-loop load at 50% of peak ({rate:.0f} req/s)", [out])
     return out
@@ -185,6 +205,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bundle", default=None)
     parser.add_argument("--seconds", type=float, default=20.0, help="open-loop seconds per constraint kind")
+    parser.add_argument("--reloads-only", action="store_true", help="skip the constraint cost; peak from one short window")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-constraints-"))
     bundle_dir, bundle_note = resolve_bundle(args.bundle, work)
@@ -196,7 +217,16 @@ def main() -> None:
                  "load_average_1m": round(os.getloadavg()[0], 2)}
     try:
         user_ids = seed_users(redis.url, bundle, 2000, np.random.default_rng(0))
-        peak, rows = constraint_cost(bundle, bundle_dir, redis, work, user_ids, args.seconds)
+        if args.reloads_only:
+            svc = start_service(bundle_dir, redis.url, work, GENREC_LATENCY_BUDGET_MS="0")
+            try:
+                encoded = request_kinds(bundle, svc.port, user_ids, seed=1)["none"]
+                peak = measure_peak(svc, lambda i: encoded[i % REQUESTS], 4.0)
+            finally:
+                svc.stop()
+            rows = []
+        else:
+            peak, rows = constraint_cost(bundle, bundle_dir, redis, work, user_ids, args.seconds)
         out["peak_rps"] = round(peak, 1)
         for r in rows:
             key = r["kind"].replace(" ", "_")
@@ -205,8 +235,9 @@ def main() -> None:
         reload_row = reloads_under_load(bundle, bundle_dir, redis, work, user_ids, peak)
         out |= {"reloads": len(reload_row["reload_seconds"]), "reloads_ok": reload_row["reloads_ok"],
                 "reload_failed_requests": reload_row["failed"], "reload_requests_sent": reload_row["sent"],
-                "reload_by_status": reload_row["by_status"], "reload_seconds": reload_row["reload_seconds"],
-                "reload_p99_ms": reload_row["p99_ms"]}
+                "reload_by_status": reload_row["by_status"], "reload_rejected_by_reason": reload_row["rejected_by_reason"],
+                "reload_seconds": reload_row["reload_seconds"],
+                "reload_p99_ms": reload_row["p99_ms"], "no_reload_p99_ms": reload_row["no_reload_p99_ms"]}
     finally:
         redis.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -79,7 +79,8 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     app.state.genrec = state
     app.state.admin_token = AdminToken(settings.admin_token)
     # After a reload the OpenAPI examples are rebuilt from the new bundle's item ids.
-    reloader = Reloader(state, lambda bundle_dir: open_bundle(settings, metrics, bundle_dir),
+    reloader = Reloader(state, lambda bundle_dir, run_blocking: open_bundle(settings, metrics, bundle_dir,
+                                                                            run_blocking=run_blocking),
                         on_swap=lambda: setattr(app, "openapi_schema", None))
     app.state.reloader = reloader
     for router in ROUTERS:
@@ -131,18 +132,20 @@ async def start_serving(
     )
 
 
-async def open_bundle(settings: Settings, metrics: ServiceMetrics, bundle_dir: Path, state: AppState | None = None) -> OpenedBundle:
+async def open_bundle(settings: Settings, metrics: ServiceMetrics, bundle_dir: Path, state: AppState | None = None,
+                      run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> OpenedBundle:
     """Load and verify a bundle (checksums), build its engine, run the warm-up batch and start its
-    batcher: what serving one bundle needs, at startup and for a reload (service/reload.py)."""
+    batcher: what serving one bundle needs, at startup and for a reload (service/reload.py, which runs
+    the blocking steps below the serving threads' priority)."""
     # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
-    bundle = await asyncio.to_thread(load_bundle, bundle_dir)
+    bundle = await run_blocking(load_bundle, bundle_dir)
     max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
     if state is not None:
         state.not_ready_reason = "starting: building the engine and the trie"
-    engine = await asyncio.to_thread(build_engine, settings, bundle, max_history)
+    engine = await run_blocking(build_engine, settings, bundle, max_history)
     if state is not None:
         state.not_ready_reason = "starting: warm-up batch"
-    await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
+    await run_blocking(warm_up, engine, bundle, max_history, settings.max_batch_size)
 
     admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
                                     settings.engine_workers, max_wait_s=settings.max_wait_ms / 1000.0)

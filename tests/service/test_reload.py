@@ -3,6 +3,7 @@ corrupt or incompatible bundle is refused with its reason while the old one keep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -155,6 +156,9 @@ def test_a_request_holding_the_old_bundle_finishes_on_it_then_the_old_batcher_dr
         old = state.serving
         assert client.post("/admin/reload", json={"bundle_dir": "demo/v2"}, headers=ADMIN).status_code == 200
         assert state.serving is not old and state.serving.bundle.version == "v2"
+        # The reload ran at nice 19; the new engine's onnxruntime threads are back at normal priority.
+        nice = {int(tid): os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir("/proc/self/task")}
+        assert 19 not in nice.values(), nice
 
         async def submit_to_old():
             loop = asyncio.get_running_loop()
