@@ -179,9 +179,10 @@ class Reloader:
             gc.freeze()  # the new bundle's tables, as at startup
             self._retire(previous)
             warnings = []
-            if new.max_history > previous.max_history:
+            stored = getattr(new.store, "max_items", new.max_history)  # the store's bound, set at startup
+            if new.max_history > stored:
                 warnings.append(f"the new bundle reads {new.max_history} history items but the history store keeps "
-                                f"{previous.max_history} per user (set at startup); restart to store more")
+                                f"{stored} per user (set at startup); restart to store more")
             log.info("reloaded: %s -> %s/%s in %.1f s", serving_now, new.bundle.name, new.bundle.version,
                      time.perf_counter() - started)
             return ReloadOutcome(previous.bundle, new.bundle, time.perf_counter() - started, warnings)
