@@ -1,7 +1,7 @@
 """Per-request constraints and model reload under load: the real service process and a real
 redis-server on loopback.
 
-    python benchmarks/bench_constraints.py [--bundle DIR] [--seconds S]
+    python benchmarks/bench_constraints.py [--bundle DIR] [--seconds S] [--reloads-only]
 
 - peak: closed-loop /recommend throughput without constraints (32 clients, user histories from Redis);
   the open-loop rate below is 50% of it.
