@@ -117,3 +117,11 @@ bench-reliability: $(STAMP) system-deps
 .PHONY: bench-catalog
 bench-catalog: $(STAMP) system-deps
 	$(BIN)/python benchmarks/catalog_updates.py $(if $(BUNDLE),--bundle $(BUNDLE),)
+
+# Per-request constraints and model reload on loopback: open loop at 50% of peak without a constraint, with one
+# shared filter and with a distinct exclude list per request (p50/p99, throughput, each kind's peak), then
+# 3 POST /admin/reload under the same load (failed requests, target 0). About 3 min. Ends with one JSON line.
+# BUNDLE=dir picks the bundle (default: newest under models/, else a synthetic serving-sized one is built).
+.PHONY: bench-constraints
+bench-constraints: $(STAMP) system-deps
+	$(BIN)/python benchmarks/bench_constraints.py $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(SECONDS),--seconds $(SECONDS),)

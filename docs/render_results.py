@@ -113,6 +113,13 @@ TABLES: list[tuple[str, str, str, str]] = [
      "Redis killed (SIGKILL, 5 s, restarted from its AOF) and paused (SIGSTOP, 3 s) under a 50/50 mix of events and "
      "recommends at half of peak, SIGTERM under load with a 2 s drain, then a 180 s soak at half of peak. A synthetic "
      "2,000-item catalog with the serving benchmark's model size.", "figures"),
+    ("serving_constraints", "Serving: per-request constraints and model reload (`make bench-constraints`)",
+     "The service on loopback with a real Redis, admission off (every request answered), `/recommend` by user id "
+     "(20-item stored histories, k 10), one run: open loop at half of the unconstrained closed-loop peak, the same "
+     "arrivals for each kind in two interleaved windows: no constraint, one filter shared by every request (one "
+     "restricted trie, cached), a distinct 5-item exclude list per request (a restricted trie and an engine call per "
+     "request); each kind's closed-loop peak; then 3 `POST /admin/reload` between two versions of the bundle under "
+     "the same open-loop load.", "figures"),
     ("training_plots", "Training plots",
      "A bundle's training curve and its tokenizer's code usage, drawn by `docs/plot_bundle.py` from the bundle's own "
      "files (`make plots BUNDLE=...` writes them into the bundle; copies here).", "rows"),

@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,7 @@ from service.history import CoalescingHistoryReader, HistoryStore, InMemoryHisto
 from service.metrics import ServiceMetrics
 from service.reference import ReferenceBeamEngine
 from service.routes import ROUTERS
+from service.reload import OpenedBundle, Reloader
 from service.spool import DurableEventWriter
 
 log = logging.getLogger("service")
@@ -62,6 +64,8 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
         finally:
             state.start_draining()
             state.accepting = False
+            await reloader.close(settings.drain_timeout_s)  # a reload in progress, retired batchers
+            serving = state.serving or serving  # a reload may have swapped it
             await serving.batcher.close(settings.drain_timeout_s)
             await serving.events.close(settings.drain_timeout_s)  # flush the spool into Redis if it is back
             await serving.store.close()
@@ -75,6 +79,11 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     )
     app.state.genrec = state
     app.state.admin_token = AdminToken(settings.admin_token)
+    # After a reload the OpenAPI examples are rebuilt from the new bundle's item ids.
+    reloader = Reloader(state, lambda bundle_dir, run_blocking: open_bundle(settings, metrics, bundle_dir,
+                                                                            run_blocking=run_blocking),
+                        on_swap=lambda: setattr(app, "openapi_schema", None))
+    app.state.reloader = reloader
     for router in ROUTERS:
         app.include_router(router)
     _add_error_handlers(app)
@@ -99,16 +108,50 @@ async def start_serving(
     # An engine thread needs the GIL to start a batch and to hand back its result; a busy event loop
     # gives it up only every switch interval (Python's default 5 ms, longer than a small batch's run).
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
-    # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
-    bundle = await asyncio.to_thread(load_bundle, settings.resolved_bundle_dir())
-    max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
-    state.not_ready_reason = "starting: building the engine and the trie"
-    engine = await asyncio.to_thread(build_engine, settings, bundle, max_history)
-    state.not_ready_reason = "starting: warm-up batch"
-    await asyncio.to_thread(warm_up, engine, bundle, max_history, settings.max_batch_size)
+    opened = await open_bundle(settings, metrics, settings.resolved_bundle_dir(), state)
+    store = history_store if history_store is not None else build_store(settings, opened.max_history)
+    if not await store.ping():  # a store outage degrades answers, it does not block readiness
+        log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
+    events = DurableEventWriter.for_store(store, settings.event_spool_path, settings.event_spool_max_bytes, metrics)
+    await events.start()
+    metrics.set_model(opened.bundle.name, opened.bundle.version)
+    # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
+    # full collections (pauses in the request path) short.
+    gc.freeze()
+    return Serving(
+        settings=settings,
+        bundle=opened.bundle,
+        engine=opened.engine,
+        engine_kind=settings.engine,
+        batcher=opened.batcher,
+        store=store,
+        history_reader=CoalescingHistoryReader(store),
+        events=events,
+        metrics=metrics,
+        max_history=opened.max_history,
+        catalog=opened.catalog,
+    )
 
-    # Catalog changes made earlier (this process's state file, or every replica's in Redis) re-applied.
-    state.not_ready_reason = "starting: re-applying catalog changes"
+
+async def open_bundle(settings: Settings, metrics: ServiceMetrics, bundle_dir: Path, state: AppState | None = None,
+                      run_blocking: Callable[..., Awaitable[Any]] = asyncio.to_thread) -> OpenedBundle:
+    """Load and verify a bundle (checksums), build its engine, run the warm-up batch and start its
+    batcher: what serving one bundle needs, at startup and for a reload (service/reload.py, which runs
+    the blocking steps below the serving threads' priority)."""
+    # Blocking steps (hashing, session creation, warm-up) run in threads so /health/live stays answerable.
+    bundle = await run_blocking(load_bundle, bundle_dir)
+    max_history = min(settings.max_history or bundle.max_history, bundle.max_history)
+    if state is not None:
+        state.not_ready_reason = "starting: building the engine and the trie"
+    engine = await run_blocking(build_engine, settings, bundle, max_history)
+    if state is not None:
+        state.not_ready_reason = "starting: warm-up batch"
+    await run_blocking(warm_up, engine, bundle, max_history, settings.max_batch_size)
+
+    # Catalog changes made to this bundle version earlier (this process's state file, or every replica's
+    # in Redis) re-applied; at a reload too, before the swap.
+    if state is not None:
+        state.not_ready_reason = "starting: re-applying catalog changes"
     catalog = Catalog(bundle, engine, build_catalog_store(settings, bundle), poll_s=settings.catalog_poll_s)
     await catalog.start()
     admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
@@ -126,28 +169,7 @@ async def start_serving(
         metrics=metrics,
     )
     await batcher.start()
-    store = history_store if history_store is not None else build_store(settings, max_history)
-    if not await store.ping():  # a store outage degrades answers, it does not block readiness
-        log.warning("history store (%s) is not reachable; serving degraded until it is", store.backend)
-    events = DurableEventWriter.for_store(store, settings.event_spool_path, settings.event_spool_max_bytes, metrics)
-    await events.start()
-    metrics.set_model(bundle.name, bundle.version)
-    # The bundle's item tables are long-lived: moving them out of the collector's generations keeps
-    # full collections (pauses in the request path) short.
-    gc.freeze()
-    return Serving(
-        settings=settings,
-        bundle=bundle,
-        engine=engine,
-        engine_kind=settings.engine,
-        batcher=batcher,
-        store=store,
-        history_reader=CoalescingHistoryReader(store),
-        events=events,
-        metrics=metrics,
-        max_history=max_history,
-        catalog=catalog,
-    )
+    return OpenedBundle(bundle, engine, batcher, max_history, catalog)
 
 
 def build_engine(settings: Settings, bundle: Bundle, max_history: int) -> BeamEngine:
@@ -273,8 +295,12 @@ def _openapi(app: FastAPI, state: AppState) -> dict[str, Any]:
     known = [bundle.item_ids[int(i)] for i in bundle.popularity[:3]]
     schemas = schema["components"]["schemas"]
     schemas["EventsRequest"]["examples"] = [{"item_ids": known[:2], "event_id": "3f6c1a9e-click-0001"}]
-    schemas["RecommendRequest"]["examples"] = [{"user_id": "A1B2C3", "k": 10},
-                                               {"history": known, "k": 5, "exclude_history": True}]
+    examples: list[dict[str, Any]] = [{"user_id": "A1B2C3", "k": 10}, {"history": known, "k": 5, "exclude_history": True}]
+    attributes = bundle.attributes[int(bundle.popularity[0])] if bundle.attributes else {}
+    if attributes:  # a filter on the most popular item's first attribute, so the example matches items
+        name = sorted(attributes)[0]
+        examples.append({"history": known[:2], "k": 5, "filters": {name: attributes[name][0]}, "exclude": known[2:]})
+    schemas["RecommendRequest"]["examples"] = examples
     app.openapi_schema = schema
     return schema
 

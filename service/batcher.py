@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.admission import AdmissionController
+from service.constraints import Restriction, search_grouped
 from service.engine import BeamEngine
 from service.metrics import ServiceMetrics
 
@@ -78,6 +79,7 @@ class PendingRequest:
     deadline: float  # event-loop time
     enqueued_at: float  # event-loop time
     future: asyncio.Future[SearchResult] = field(repr=False)
+    restriction: Restriction | None = None  # a per-request constraint: search only its allowed items
 
     @property
     def waiting(self) -> bool:
@@ -230,8 +232,9 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
         self._accepting = True
 
-    async def submit(self, history: np.ndarray, deadline: float) -> SearchResult:
-        """Queue one history and wait for its result until `deadline` (event-loop time)."""
+    async def submit(self, history: np.ndarray, deadline: float, restriction: Restriction | None = None) -> SearchResult:
+        """Queue one history and wait for its result until `deadline` (event-loop time). With a
+        restriction the request is searched over its allowed items only (service/constraints.py)."""
         if not self._accepting:
             self._reject("draining")
             raise BatcherClosed()
@@ -241,7 +244,7 @@ class MicroBatcher:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
         self.check_admission()
-        request = PendingRequest(history, deadline, now, loop.create_future())
+        request = PendingRequest(history, deadline, now, loop.create_future(), restriction)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -361,7 +364,8 @@ class MicroBatcher:
             for request in batch:
                 self._metrics.queue_wait.observe(started_at - request.enqueued_at)
         try:
-            item_indices, scores = await loop.run_in_executor(self._executor, self._search, batch.histories)
+            item_indices, scores = await loop.run_in_executor(self._executor, self._search, batch.histories,
+                                                              [r.restriction for r in batch])
         except Exception as error:
             batch.fail(error)
             raise
@@ -370,10 +374,10 @@ class MicroBatcher:
             self.admission.observe_batch(batch_s)
         batch.complete(item_indices, scores, started_at, batch_s)
 
-    def _search(self, histories: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Runs in an engine worker thread."""
+    def _search(self, histories: list[np.ndarray], restrictions: list[Restriction | None]) -> tuple[np.ndarray, np.ndarray]:
+        """Runs in an engine worker thread: one engine call, or one per distinct restriction in the batch."""
         started = time.perf_counter()
-        result = self.engine.search(histories)
+        result = search_grouped(self.engine, histories, restrictions)
         if self._metrics is not None:
             self._metrics.engine_compute.observe(time.perf_counter() - started)
         return result

@@ -100,6 +100,9 @@ class Bundle:
     titles: list[str]
     popularity: np.ndarray  # (P,) int64 item indices, most popular first
     index_of: dict[str, int] = field(repr=False)  # external id -> item index
+    # Per item {attribute name: values} from items.jsonl's optional "attributes" (empty dict: none);
+    # what per-request filters match on (service/constraints.py). Bundles exported without them: all empty.
+    attributes: list[dict[str, list[str]]] = field(default_factory=list, repr=False)
 
     @property
     def name(self) -> str:
@@ -168,7 +171,7 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
         raise BundleError(f"{path}: manifest tokenizer.levels={declared_levels} but semantic_ids.npy "
                           f"has {levels} levels")
 
-    item_ids, titles = _read_items(path / "items.jsonl")
+    item_ids, titles, attributes = _read_items(path / "items.jsonl")
     if len(item_ids) != n_items:
         raise BundleError(f"{path}: items.jsonl has {len(item_ids)} rows, semantic_ids.npy has {n_items}")
     index_of = {item_id: i for i, item_id in enumerate(item_ids)}
@@ -192,6 +195,7 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
         titles=titles,
         popularity=popularity.astype(np.int64, copy=False),
         index_of=index_of,
+        attributes=attributes,
     )
 
 
@@ -233,9 +237,10 @@ def _load_array(path: Path) -> np.ndarray:
         raise BundleError(f"{path}: cannot read as a .npy array without pickle ({e})") from e
 
 
-def _read_items(path: Path) -> tuple[list[str], list[str]]:
+def _read_items(path: Path) -> tuple[list[str], list[str], list[dict[str, list[str]]]]:
     item_ids: list[str] = []
     titles: list[str] = []
+    attributes: list[dict[str, list[str]]] = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
@@ -244,6 +249,23 @@ def _read_items(path: Path) -> tuple[list[str], list[str]]:
                 row = json.loads(line)
                 item_ids.append(str(row["item_id"]))
                 titles.append(str(row.get("title", "")))
+                attributes.append(_item_attributes(row.get("attributes")))
             except (ValueError, KeyError, TypeError) as e:
-                raise BundleError(f"{path}:{line_no}: expected {{\"item_id\": str, \"title\": str}} ({e})") from e
-    return item_ids, titles
+                raise BundleError(f"{path}:{line_no}: expected {{\"item_id\": str, \"title\": str, \"attributes\": "
+                                  f"{{name: [str]}} (optional)}} ({e})") from e
+    return item_ids, titles, attributes
+
+
+def _item_attributes(raw: Any) -> dict[str, list[str]]:
+    """items.jsonl's optional "attributes": {name: str or [str]} -> {name: [str]}."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TypeError("'attributes' must be an object {name: [values]}")
+    out: dict[str, list[str]] = {}
+    for name, values in raw.items():
+        values = [values] if isinstance(values, str) else values
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"attribute {name!r} must be a string or a list of strings")
+        out[str(name)] = values
+    return out

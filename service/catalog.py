@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from service.bundle import Bundle
+from service.constraints import AttributeIndex, RestrictionCache
 from service.new_item_codes import NewItemCoder, NoTextPath, load_new_item_coder
 
 log = logging.getLogger(__name__)
@@ -386,6 +387,7 @@ class Catalog:
         self._seen_store_version = -1
         self.coder: NewItemCoder | None = None
         self.refusal = ""  # why this service cannot add items ("" when it can)
+        self._restrictions: tuple[CatalogView, RestrictionCache] | None = None
         if not hasattr(engine, "prepare_catalog"):
             self.refusal = "catalog changes need the onnx engine (GENREC_ENGINE=onnx)"
         elif getattr(engine, "new_items_refused", ""):
@@ -396,6 +398,15 @@ class Catalog:
     @property
     def current(self) -> CatalogView:
         return self._current
+
+    def restrictions(self) -> RestrictionCache:
+        """Per-request constraints over the current view (service/constraints.py): its codes, attributes
+        and live items, added ones included; a new cache whenever the view changes."""
+        view = self._current
+        if self._restrictions is None or self._restrictions[0] is not view:
+            attributes = AttributeIndex.from_rows(view.attributes, view.num_items)
+            self._restrictions = (view, RestrictionCache(view.semantic_ids, attributes, view.popularity, view.live))
+        return self._restrictions[1]
 
     async def start(self) -> None:
         """Load the text path, re-apply the stored changes, start polling a shared store."""

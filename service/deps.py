@@ -53,7 +53,8 @@ class Serving:
     events: DurableEventWriter
     metrics: ServiceMetrics
     max_history: int  # history items fed to the model
-    catalog: Catalog  # the items as they are now (added, deleted); recommend and events read catalog.current
+    catalog: Catalog  # the items as they are now (added, deleted); recommend and events read catalog.current,
+    # constraints catalog.restrictions()
 
 
 @dataclass

@@ -16,6 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError
+from service.constraints import Restriction
 from service.trie import TrieArrays, build_trie
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ class BeamEngine(Protocol):
     beam_size: int
     provider: str  # the execution provider actually running the model
 
-    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """histories: per request, int item indices oldest first (non-empty).
+    def search(self, histories: Sequence[np.ndarray], restriction: Restriction | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """histories: per request, int item indices oldest first (non-empty). restriction: search only
+        its allowed items (service/constraints.py), for every request of the call.
         Returns item_indices int64 (B, beam) with -1 where no item, scores float32 (B, beam)."""
         ...
 
@@ -247,16 +249,23 @@ class OnnxBeamEngine:
     def catalog_version(self) -> int:
         return self._catalog.version
 
-    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, histories: Sequence[np.ndarray], restriction: Restriction | None = None) -> tuple[np.ndarray, np.ndarray]:
         catalog = self._catalog  # this batch's one snapshot of the catalog (codes table and trie)
         feeds = catalog.tensorize(histories)
         history = {name: feeds[name] for name in self._history_inputs}
+        # A restricted search feeds the allowed items' trie (built once per restriction, in this thread).
+        restricted = None if restriction is None else restriction.built(
+            ("graph", id(self)), lambda: graph_trie_feeds(restriction.trie(), self._declared))
         if self.uses_io_binding:
             binding = self.session.io_binding()
             for name, array in history.items():
                 binding.bind_cpu_input(name, array)
-            for name, value in catalog.resident_trie.items():
-                binding.bind_ortvalue_input(name, value)
+            if restricted is None:
+                for name, value in catalog.resident_trie.items():
+                    binding.bind_ortvalue_input(name, value)
+            else:  # a restricted trie is copied to the device per call
+                for name, array in restricted.items():
+                    binding.bind_cpu_input(name, array)
             binding.bind_output("item_indices", "cpu")
             binding.bind_output("scores", "cpu")
             self.session.run_with_iobinding(binding)
@@ -266,7 +275,8 @@ class OnnxBeamEngine:
                 self._calls_in_flight += 1
                 session = self.session if self._calls_in_flight == 1 else self.busy_session
             try:
-                item_indices, scores = session.run(["item_indices", "scores"], history | catalog.trie_feeds)
+                trie = catalog.trie_feeds if restricted is None else restricted
+                item_indices, scores = session.run(["item_indices", "scores"], history | trie)
             finally:
                 with self._in_flight_lock:
                     self._calls_in_flight -= 1

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from service.bundle import Bundle
+from service.constraints import Restriction
 from service.engine import (
     HistoryTensorizer,
     check_graph_inputs,
@@ -49,7 +50,10 @@ class ReferenceBeamEngine:
         self.trie = PrefixTrie(bundle.semantic_ids)
         self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
 
-    def search(self, histories: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, histories: Sequence[np.ndarray], restriction: Restriction | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """restriction: only prefixes with an allowed item under them are followed (a set lookup per
+        child: the obviously correct form of the graph's restricted trie)."""
+        allowed = None if restriction is None else restriction.prefixes()
         feeds = self._tensorize(histories)
         history_mask = feeds["history_mask"]  # (B, H)
         outputs = self.encoder.run(self._encoder_outputs, {name: feeds[name] for name in self._history_inputs})
@@ -58,7 +62,7 @@ class ReferenceBeamEngine:
         item_indices = np.full((len(histories), self.beam_size), -1, dtype=np.int64)
         scores = np.full((len(histories), self.beam_size), -np.inf, dtype=np.float32)
         for b in range(len(histories)):
-            found = [(self.trie.item_at(codes), score) for codes, score in self._search_one(memory[b : b + 1], history_mask[b : b + 1])]
+            found = [(self.trie.item_at(codes), score) for codes, score in self._search_one(memory[b : b + 1], history_mask[b : b + 1], allowed)]
             if item_bonus is not None:
                 found = [(item, score + float(item_bonus[b, item])) for item, score in found]
                 found.sort(key=lambda candidate: candidate[1], reverse=True)
@@ -67,8 +71,10 @@ class ReferenceBeamEngine:
                 scores[b, j] = score
         return item_indices, scores
 
-    def _search_one(self, memory: np.ndarray, history_mask: np.ndarray) -> list[tuple[tuple[int, ...], float]]:
-        """Beam search for one request: memory (1, H, D), history_mask (1, H)."""
+    def _search_one(self, memory: np.ndarray, history_mask: np.ndarray,
+                    allowed: set[tuple[int, ...]] | None = None) -> list[tuple[tuple[int, ...], float]]:
+        """Beam search for one request: memory (1, H, D), history_mask (1, H); allowed: the prefixes
+        it may follow (None: all)."""
         beams: list[tuple[tuple[int, ...], float]] = [((), 0.0)]  # (codes so far, sum of log-probs)
         for step in range(self.levels):
             prefix_codes = np.zeros((len(beams), self.levels - 1), dtype=np.int64)  # (n, L-1), zero beyond the prefix
@@ -86,6 +92,8 @@ class ReferenceBeamEngine:
             candidates = []
             for i, (prefix, score) in enumerate(beams):
                 children = self.trie.children(prefix)
+                if allowed is not None:
+                    children = [code for code in children if prefix + (code,) in allowed]
                 # Renormalized over the valid children, as the graph does (training/beam.py).
                 children_mass = float(np.logaddexp.reduce(step_log_probs[i, children].astype(np.float64)))
                 candidates += [(prefix + (code,), score + float(step_log_probs[i, code]) - children_mass) for code in children]

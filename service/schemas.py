@@ -49,6 +49,11 @@ WholeNumber = Annotated[int, BeforeValidator(_whole_number)]
 EventId = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=128)]
 
 
+MAX_CONSTRAINT_IDS = 5000
+AttributeName = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
+AttributeValue = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_ID_LENGTH)]
+
+
 class RecommendRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
@@ -56,6 +61,7 @@ class RecommendRequest(BaseModel):
             "examples": [
                 {"user_id": "A1B2C3", "k": 10},
                 {"history": ["B0001", "B0002", 12345], "k": 5, "exclude_history": True},
+                {"user_id": "A1B2C3", "k": 5, "filters": {"category": "Nail Polish"}, "exclude": ["B0003"]},
             ]
         },
     )
@@ -70,6 +76,17 @@ class RecommendRequest(BaseModel):
     )
     k: Annotated[WholeNumber, Field(ge=1, le=MAX_K, description="Number of items to return.")] = 10
     exclude_history: Annotated[bool, Field(strict=True, description="Leave history items out of the results.")] = True
+    include: list[ItemId] | None = Field(
+        None, min_length=1, max_length=MAX_CONSTRAINT_IDS,
+        description="Recommend only among these item ids (unknown ids are ignored, with a warning).")
+    exclude: list[ItemId] | None = Field(
+        None, max_length=MAX_CONSTRAINT_IDS,
+        description="Never recommend these item ids (unknown ids are ignored, with a warning).")
+    filters: dict[AttributeName, AttributeValue | Annotated[list[AttributeValue], Field(min_length=1, max_length=100)]] | None = Field(
+        None, max_length=16,
+        description="Item attribute -> value or list of values (GET /info lists the attributes): an item passes when it "
+        "has one of the values of every attribute named. Unknown attribute -> 422. Applied inside the beam search, so "
+        "k matching items come back whenever k exist.")
 
 
 class RecommendedItem(BaseModel):
@@ -168,6 +185,8 @@ class InfoResponse(BaseModel):
     engine: str
     provider: str
     history_store: str
+    attributes: list[str] = Field(default_factory=list,
+                                  description="Item attributes `filters` in POST /recommend can name (empty: none).")
 
 
 # Documented error responses, shared by the routes.
@@ -192,4 +211,26 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "No X-API-Key header (API keys are configured)."},
     403: {"model": ErrorResponse, "description": "The X-API-Key is not one of the configured keys."},
+}
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}, {"bundle_dir": "beauty-tiger/20261205-0400"}]})
+
+    bundle_dir: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = Field(
+        None, description="The bundle folder to load (relative paths are under GENREC_MODELS_ROOT); absent: the newest "
+        "bundle under GENREC_MODELS_ROOT.")
+
+
+class ReloadResponse(BaseModel):
+    previous: ModelRef
+    current: ModelRef
+    seconds: float = Field(description="Load, checksum verification, engine build, warm-up and swap.")
+    warnings: list[str]
+
+
+ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "No 'Authorization: Bearer <token>' header."},
+    403: {"model": ErrorResponse, "description": "The bearer token is not GENREC_ADMIN_TOKEN."},
+    404: {"model": ErrorResponse, "description": "Admin routes are off (GENREC_ADMIN_TOKEN unset), or no such bundle."},
 }

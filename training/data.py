@@ -1,8 +1,9 @@
 """Datasets: the genrec folder format, adapters for the bundled sources, leave-one-out splits.
 
 genrec format (a folder):
-    items.jsonl[.gz]  one JSON object per line: {"item_id": str|int, "title": str, "text": str}
-                      (`text` optional, falls back to `title`)
+    items.jsonl[.gz]  one JSON object per line: {"item_id": str|int, "title": str, "text": str,
+                      "attributes": {name: str | [str]}} (`text` optional, falls back to `title`;
+                      `attributes` optional: what per-request filters in the service match on)
     sequences.txt     one line per user: `user_id item_id item_id ...`, oldest first
 
 The bundled sources (data/beauty, data/scientific) have their own shapes; `load_dataset("beauty")`
@@ -43,6 +44,9 @@ class Dataset:
     texts: list[str]
     user_ids: list[str]
     sequences: list[np.ndarray]  # int64 internal item indices, chronological
+    # Per item {attribute name: values}, e.g. {"brand": ["OPI"], "category": ["Makeup", "Nails"]}; the
+    # service's per-request filters match on them. None when the source has none.
+    attributes: list[dict[str, list[str]]] | None = None
 
     @property
     def n_items(self) -> int:
@@ -195,8 +199,10 @@ def read_genrec_folder(folder: str | Path, name: str | None = None) -> Dataset:
     rows: list[tuple[int, str]] = []
     titles: list[str] = []
     texts: list[str] = []
+    attributes: list[dict[str, list[str]]] = []
     for lineno, obj in _iter_json(items_path):
         item_id = _item_id_field(items_path, lineno, obj, integer_only=False)
+        attributes.append(_attributes_field(items_path, lineno, obj))
         title = _str_field(items_path, lineno, obj, "title", required=True)
         text = _str_field(items_path, lineno, obj, "text", required=False)
         assert title is not None
@@ -208,22 +214,70 @@ def read_genrec_folder(folder: str | Path, name: str | None = None) -> Dataset:
         texts.append(text)
     index_of = _index_items(items_path, rows)
     user_ids, sequences = _read_sequences(folder / "sequences.txt", index_of, integer_ids=False)
-    return Dataset(name or folder.name, [r[1] for r in rows], titles, texts, user_ids, sequences)
+    return Dataset(name or folder.name, [r[1] for r in rows], titles, texts, user_ids, sequences,
+                   attributes if any(attributes) else None)
 
 
-def _read_numbered_items(items_path: Path, describe) -> tuple[list[str], list[str], list[str], dict[str, int]]:
-    """Items with integer ids; describe(items_path, lineno, obj) -> (title, text).
-    Returns item ids, titles, texts and the id -> index map."""
+def _attributes_field(path: Path, lineno: int, obj: dict[str, Any]) -> dict[str, list[str]]:
+    """The optional `attributes` object: {name: a string or a list of strings} -> {name: [values]}."""
+    raw = obj.get("attributes")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise DatasetFormatError(path, lineno, "field 'attributes' must be an object {name: value or [values]}")
+    out: dict[str, list[str]] = {}
+    for name, value in raw.items():
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise DatasetFormatError(path, lineno, f"attribute {name!r} must be a string or a list of strings")
+        kept = [v.strip() for v in values if v.strip()]
+        if kept:
+            out[str(name)] = kept
+    return out
+
+
+def _read_numbered_items(items_path: Path, describe, attributes_of) -> tuple[list[str], list[str], list[str],
+                                                                          list[dict[str, list[str]]], dict[str, int]]:
+    """Items with integer ids; describe(items_path, lineno, obj) -> (title, text), attributes_of(obj,
+    text) -> {name: [values]}. Returns item ids, titles, texts, attributes and the id -> index map."""
     rows: list[tuple[int, str]] = []
     titles: list[str] = []
     texts: list[str] = []
+    attributes: list[dict[str, list[str]]] = []
     for lineno, obj in _iter_json(items_path):
         item_id = _item_id_field(items_path, lineno, obj, integer_only=True)
         title, text = describe(items_path, lineno, obj)
         titles.append(title)
         texts.append(text)
+        attributes.append(attributes_of(obj, text))
         rows.append((lineno, item_id))
-    return [r[1] for r in rows], titles, texts, _index_items(items_path, rows)
+    return [r[1] for r in rows], titles, texts, attributes, _index_items(items_path, rows)
+
+
+# Beauty's `attributes` list is [brand, top category, ..., leaf category] when the brand has >= 5 items,
+# else the category path alone; it starts with one of these six top categories exactly when no brand leads.
+BEAUTY_TOP_CATEGORIES = frozenset({"Skin Care", "Hair Care", "Makeup", "Tools & Accessories", "Bath & Body", "Fragrance"})
+
+
+def _beauty_attributes(obj: dict, text: str) -> dict[str, list[str]]:
+    """{"brand": [brand], "category": [top, ..., leaf]}; brand "Unknown" is no brand."""
+    path = [a.strip() for a in obj.get("attributes", []) if a.strip()]
+    out: dict[str, list[str]] = {}
+    if path and path[0] not in BEAUTY_TOP_CATEGORIES:
+        if path[0] != "Unknown":
+            out["brand"] = [path[0]]
+        path = path[1:]
+    if path:
+        out["category"] = path
+    return out
+
+
+def _scientific_attributes(obj: dict, text: str) -> dict[str, list[str]]:
+    """{"brand": [brand]}: the text is "Title. Categories. Brand."; the category path is its words run
+    together (no separators), so it is not offered as a filter."""
+    parts = text.rstrip(".").rsplit(". ", 2)
+    brand = parts[-1].strip() if len(parts) == 3 else ""
+    return {"brand": [brand]} if brand else {}
 
 
 def _describe_beauty_item(items_path: Path, lineno: int, obj: dict) -> tuple[str, str]:
@@ -248,17 +302,19 @@ def _describe_scientific_item(items_path: Path, lineno: int, obj: dict) -> tuple
 def read_beauty(folder: str | Path = DATA_ROOT / "beauty") -> Dataset:
     """Amazon Beauty 2014 5-core: items {item_id 1.., title, attributes}, sequential_data.txt."""
     folder = Path(folder)
-    item_ids, titles, texts, index_of = _read_numbered_items(folder / "items.jsonl.gz", _describe_beauty_item)
+    item_ids, titles, texts, attributes, index_of = _read_numbered_items(
+        folder / "items.jsonl.gz", _describe_beauty_item, _beauty_attributes)
     user_ids, sequences = _read_sequences(folder / "sequential_data.txt", index_of, integer_ids=True)
-    return Dataset("beauty", item_ids, titles, texts, user_ids, sequences)
+    return Dataset("beauty", item_ids, titles, texts, user_ids, sequences, attributes)
 
 
 def read_scientific(folder: str | Path = DATA_ROOT / "scientific") -> Dataset:
     """UniSRec Scientific: items {item_id 0.., asin, text="Title. Categories. Brand."}, sequences.txt."""
     folder = Path(folder)
-    item_ids, titles, texts, index_of = _read_numbered_items(folder / "items.jsonl.gz", _describe_scientific_item)
+    item_ids, titles, texts, attributes, index_of = _read_numbered_items(
+        folder / "items.jsonl.gz", _describe_scientific_item, _scientific_attributes)
     user_ids, sequences = _read_sequences(folder / "sequences.txt", index_of, integer_ids=True)
-    return Dataset("scientific", item_ids, titles, texts, user_ids, sequences)
+    return Dataset("scientific", item_ids, titles, texts, user_ids, sequences, attributes)
 
 
 def load_dataset(name_or_path: str | Path) -> Dataset:
@@ -277,8 +333,10 @@ def write_dataset(dataset: Dataset, folder: str | Path, compress: bool = False) 
     items_path = folder / ("items.jsonl.gz" if compress else "items.jsonl")
     opener = gzip.open if compress else open
     with opener(items_path, "wt", encoding="utf-8") as f:  # type: ignore[operator]
-        for item_id, title, text in zip(dataset.item_ids, dataset.titles, dataset.texts):
-            f.write(json.dumps({"item_id": item_id, "title": title, "text": text}, ensure_ascii=False) + "\n")
+        attributes = dataset.attributes or [{}] * dataset.n_items
+        for item_id, title, text, attrs in zip(dataset.item_ids, dataset.titles, dataset.texts, attributes):
+            row = {"item_id": item_id, "title": title, "text": text} | ({"attributes": attrs} if attrs else {})
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     with open(folder / "sequences.txt", "w", encoding="utf-8") as f:
         for user, seq in zip(dataset.user_ids, dataset.sequences):
             f.write(" ".join([user, *(dataset.item_ids[i] for i in seq)]) + "\n")
@@ -339,12 +397,13 @@ def make_synthetic_dataset(n_users: int, n_items: int, seed: int = 0, n_clusters
     k = n_clusters or max(2, min(len(_TOPICS), n_items // 8))
     cluster_of = np.arange(n_items) % k
     members = [np.flatnonzero(cluster_of == c) for c in range(k)]
-    titles, texts = [], []
+    titles, texts, attributes = [], [], []
     for i in range(n_items):
         topic = _TOPICS[cluster_of[i] % len(_TOPICS)]
         adj = _ADJECTIVES[rng.integers(len(_ADJECTIVES))]
         titles.append(f"{adj} {topic} #{i}")
         texts.append(f"{adj} {topic} #{i}. {topic} {cluster_of[i]}. brand{cluster_of[i]}")
+        attributes.append({"brand": [f"brand{cluster_of[i]}"], "category": [topic], "style": [adj]})
     sequences = []
     for _ in range(n_users):
         c = int(rng.integers(k))
@@ -364,4 +423,5 @@ def make_synthetic_dataset(n_users: int, n_items: int, seed: int = 0, n_clusters
         texts=texts,
         user_ids=[f"u{u}" for u in range(n_users)],
         sequences=sequences,
+        attributes=attributes,
     )

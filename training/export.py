@@ -92,15 +92,20 @@ def write_bundle(
     metrics: dict[str, Any],
     training: dict[str, Any],
     extra_files: list[Path] = (),
+    attributes: list[dict[str, list[str]]] | None = None,
 ) -> Path:
-    """Everything the service needs, and a manifest with the sha256 of every file."""
+    """Everything the service needs, and a manifest with the sha256 of every file. attributes: per item
+    {name: [values]} (training/data.py), written into items.jsonl for the service's per-request filters."""
     bundle_dir = out_dir / name / version
     bundle_dir.mkdir(parents=True, exist_ok=True)
     semantic_ids = np.asarray(semantic_ids, dtype=np.int32)
     np.save(bundle_dir / "semantic_ids.npy", semantic_ids)
     with (bundle_dir / "items.jsonl").open("w") as f:
-        for item_id, title in zip(item_ids, titles):
-            f.write(json.dumps({"item_id": item_id, "title": title}) + "\n")
+        for i, (item_id, title) in enumerate(zip(item_ids, titles)):
+            row = {"item_id": item_id, "title": title}
+            if attributes is not None and attributes[i]:
+                row["attributes"] = attributes[i]
+            f.write(json.dumps(row) + "\n")
     # Ties broken by item index so the ranking is reproducible.
     order = np.lexsort((np.arange(len(popularity_counts)), -np.asarray(popularity_counts)))
     np.save(bundle_dir / "popularity.npy", order.astype(np.int32))

@@ -278,6 +278,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         semantic_ids=semantic_ids,
         item_ids=dataset.item_ids,
         titles=dataset.titles,
+        attributes=dataset.attributes,
         popularity_counts=item_popularity(splits.train_sequences, dataset.n_items),
         tokenizer=tokenizer_info,
         tokenizer_state=tokenizer.state_dict(),

@@ -55,7 +55,7 @@ def short_sessions(source: Dataset, keep_last: int = 4) -> Dataset:
         raise ValueError("keep_last must be at least 3: leave-one-out needs a train, a valid and a test item")
     sequences = [np.asarray(s[-keep_last:], dtype=np.int64) for s in source.sequences]
     return Dataset(name=f"{source.name}-last{keep_last}", item_ids=source.item_ids, titles=source.titles,
-                   texts=source.texts, user_ids=source.user_ids, sequences=sequences)
+                   texts=source.texts, user_ids=source.user_ids, sequences=sequences, attributes=source.attributes)
 
 
 def main() -> None:

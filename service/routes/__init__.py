@@ -1,4 +1,5 @@
 """HTTP routes, one thin module per area."""
-from service.routes import demo, events, health, items, metrics, recommend
+from service.routes import admin_reload, demo, events, health, items, metrics, recommend
 
-ROUTERS = (recommend.router, events.router, health.router, metrics.router, demo.router, items.router)
+ROUTERS = (recommend.router, events.router, health.router, metrics.router, demo.router, items.router,
+           admin_reload.router)

@@ -44,4 +44,5 @@ async def info(serving: ServingDep) -> InfoResponse:
         engine=serving.engine_kind,
         provider=serving.engine.provider,
         history_store=serving.store.backend,
+        attributes=serving.catalog.restrictions().attributes.names,
     )

@@ -7,7 +7,9 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 from fastapi import APIRouter, Response
 
-from service.deps import Serving, ServingDep
+from service.catalog import CatalogView
+from service.constraints import UnknownAttribute, resolve_constraint
+from service.deps import ApiError, Serving, ServingDep
 from service.history import HistoryStoreError
 from service.schemas import AUTH_RESPONSES, ERROR_RESPONSES, ModelRef, RecommendedItem, RecommendRequest, RecommendResponse
 
@@ -29,6 +31,25 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     metrics = serving.metrics
     warnings: list[str] = []
 
+    # Constraints first: a bad filter is refused before any queue or Redis work. They are resolved over
+    # the catalog as it is now (added items included, deleted ones out).
+    catalog = serving.catalog.current
+    restrictions = serving.catalog.restrictions()
+    try:
+        constraint, constraint_warnings = resolve_constraint(body.include, body.exclude, body.filters,
+                                                             catalog.lookup, restrictions.attributes)
+    except UnknownAttribute as error:
+        raise ApiError(422, f"Invalid request: body.filters: {error}",
+                       errors=[{"loc": "body.filters", "message": str(error), "type": "unknown_attribute",
+                                "known": error.known}]) from None
+    warnings += constraint_warnings
+    restriction = restrictions.get(constraint) if constraint is not None else None
+    popularity = catalog.popularity if restriction is None else restriction.popular
+    matching = "" if restriction is None else " matching"
+    if restriction is not None and restriction.count == 0:
+        warnings.append(f"no item matches the constraints ({constraint.describe()}): nothing to recommend")
+        return _respond(serving, catalog, [], "popular", False, warnings, loop, loop.time())
+
     if body.history or body.user_id is not None:  # headed for the engine: refuse before a Redis round trip
         serving.batcher.check_admission()
     with serving.batcher.coming():
@@ -36,7 +57,6 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     history_done = loop.time()
     metrics.stages["history"].observe(history_done - started)
 
-    catalog = serving.catalog.current  # one view for the whole request: ids, titles, popularity
     known, unknown = catalog.lookup(raw_history)
     if unknown:
         more = f" (and {len(unknown) - _PREVIEW} more)" if len(unknown) > _PREVIEW else ""
@@ -47,7 +67,7 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
     excluded = set(known) if body.exclude_history else set()
 
     if model_history:
-        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline)
+        result = await serving.batcher.submit(np.asarray(model_history, dtype=np.int64), deadline, restriction)
         metrics.stages["queue"].observe(result.queue_wait_s)
         metrics.stages["engine"].observe(result.engine_s)
         response_started = loop.time()
@@ -56,21 +76,31 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
         # the batch's), and leave out items deleted since the batch's trie was built.
         catalog = serving.catalog.current
         gone = {int(i) for i in result.item_indices if i >= 0 and not catalog.live[i]}
-        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, catalog.popularity, body.k,
+        popularity = catalog.popularity if restriction is None else restriction.popular[catalog.live[restriction.popular]]
+        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, popularity, body.k,
                                                   excluded | gone)
-        if from_beam < body.k:
+        if from_beam < body.k and (restriction is None or len(ranked) > from_beam):  # constrained: only when the fill added some
             warnings.append(
                 f"beam search (width {serving.engine.beam_size}) gave {from_beam} item(s) after exclusions; "
-                f"the rest come from the popularity ranking"
+                f"the rest come from the popularity ranking{' of the matching items' if matching else ''}"
             )
     else:
         response_started = loop.time()
         strategy = "popular"
-        ranked, _ = merge_with_popularity((), (), catalog.popularity, body.k, excluded)
-        warnings.append("no known history items: returning the most popular items")
+        ranked, _ = merge_with_popularity((), (), popularity, body.k, excluded)
+        warnings.append(f"no known history items: returning the most popular{matching} items")
     if len(ranked) < body.k:
-        warnings.append(f"only {len(ranked)} item(s) available after exclusions (k={body.k})")
+        if restriction is not None:
+            warnings.append(f"only {len(ranked)} item(s) match the constraints ({constraint.describe()}) after "
+                            f"exclusions (k={body.k}): returning all of them")
+        else:
+            warnings.append(f"only {len(ranked)} item(s) available after exclusions (k={body.k})")
+    return _respond(serving, catalog, ranked, strategy, degraded, warnings, loop, response_started)
 
+
+def _respond(serving: Serving, catalog: CatalogView, ranked: list[tuple[int, float | None]], strategy: str,
+             degraded: bool, warnings: list[str], loop: asyncio.AbstractEventLoop, response_started: float) -> Response:
+    metrics = serving.metrics
     bundle = serving.bundle
     response = RecommendResponse(
         items=[RecommendedItem(item_id=catalog.item_ids[i], title=catalog.titles[i], score=s) for i, s in ranked],

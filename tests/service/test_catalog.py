@@ -95,6 +95,27 @@ def test_an_item_added_by_text_is_recommended_beside_its_kind_and_gone_once_dele
 
 
 @pytest.mark.slow
+def test_constraints_see_added_items_and_never_deleted_ones(client, catalog_bundle_dir, catalog_dataset) -> None:
+    """Per-request filters run over the live catalog: an attribute given at PUT matches the added
+    item alone, and a deleted item matches nothing, through the beam and the popularity fill."""
+    bundle = load_bundle(catalog_bundle_dir)
+    text = catalog_dataset.texts[catalog_dataset.item_ids.index(bundle.item_ids[5])]
+    assert client.put("/items/limited", headers=ADMIN, json={"title": "Limited edition", "text": text,
+                                                            "attributes": {"style": "limited-edition"}}).status_code == 201
+    history = same_topic(bundle, 5)[:4]
+    only = client.post("/recommend", json={"history": history, "k": 5, "filters": {"style": "limited-edition"}}).json()
+    assert [item["item_id"] for item in only["items"]] == ["limited"] and only["items"][0]["score"] is not None
+    assert any("only 1 item(s) match" in w for w in only["warnings"])
+
+    assert client.delete("/items/limited", headers=ADMIN).status_code == 200
+    for body in ({"history": history}, {"history": ["no-such-item"]}):
+        gone = client.post("/recommend", json={**body, "k": 5, "filters": {"style": "limited-edition"}}).json()
+        assert gone["items"] == [] and any("no item matches" in w for w in gone["warnings"])
+    kept = client.post("/recommend", json={"history": history, "k": 30, "exclude": [bundle.item_ids[0]]}).json()
+    assert "limited" not in [item["item_id"] for item in kept["items"]]
+
+
+@pytest.mark.slow
 def test_a_full_collision_level_is_refused_with_409(client, catalog_bundle_dir, catalog_dataset) -> None:
     bundle = load_bundle(catalog_bundle_dir)
     text = catalog_dataset.texts[3]

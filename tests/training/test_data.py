@@ -91,7 +91,7 @@ def test_synthetic_round_trip(tmp_path: Path) -> None:
         folder = write_dataset(ds, tmp_path / f"ds{compress}", compress=compress)
         back = load_dataset(str(folder))
         assert back.item_ids == ds.item_ids and back.titles == ds.titles and back.texts == ds.texts
-        assert back.user_ids == ds.user_ids
+        assert back.user_ids == ds.user_ids and back.attributes == ds.attributes
         assert all(np.array_equal(a, b) for a, b in zip(back.sequences, ds.sequences))
     # deterministic per seed, different across seeds
     again = make_synthetic_dataset(n_users=50, n_items=40, seed=3)
@@ -106,6 +106,26 @@ def test_text_falls_back_to_title(tmp_path: Path) -> None:
     (tmp_path / "sequences.txt").write_text("u 7 x y\n")
     ds = load_dataset(str(tmp_path))
     assert ds.item_ids == ["7", "x", "y"] and ds.texts == ["seven", "ex", "long why"]
+
+
+def test_folder_attributes_are_read_as_lists(tmp_path: Path) -> None:
+    (tmp_path / "items.jsonl").write_text('{"item_id": "a", "title": "A", "attributes": {"brand": "Acme", "category": ["x", " "]}}\n'
+                                          '{"item_id": "b", "title": "B"}\n{"item_id": "c", "title": "C"}\n')
+    (tmp_path / "sequences.txt").write_text("u a b c\n")
+    assert load_dataset(str(tmp_path)).attributes == [{"brand": ["Acme"], "category": ["x"]}, {}, {}]
+    (tmp_path / "items.jsonl").write_text('{"item_id": "a", "title": "A"}\n{"item_id": "b", "title": "B"}\n'
+                                          '{"item_id": "c", "title": "C"}\n')
+    assert load_dataset(str(tmp_path)).attributes is None
+
+
+def test_bundled_attributes_map_to_brand_and_category(beauty: Dataset, scientific: Dataset) -> None:
+    # Beauty item 1: ["OPI", "Makeup", "Nails", "Nail Polish"]; item 3's brand is "Unknown"
+    assert beauty.attributes[0] == {"brand": ["OPI"], "category": ["Makeup", "Nails", "Nail Polish"]}
+    assert beauty.attributes[2] == {"category": ["Skin Care", "Face", "Creams & Moisturizers"]}
+    assert sum("brand" in row for row in beauty.attributes) > 7000
+    assert all(row["category"][0] in {"Skin Care", "Hair Care", "Makeup", "Tools & Accessories", "Bath & Body",
+                                      "Fragrance"} for row in beauty.attributes if "category" in row)
+    assert scientific.attributes[0] == {"brand": ["eSUN"]}  # "... 3D Printing Filament. eSUN."
 
 
 GOOD_ITEMS = ['{"item_id": "a", "title": "A", "text": "a"}', '{"item_id": "b", "title": "B", "text": "b"}',
@@ -128,6 +148,10 @@ GOOD_SEQS = ["u1 a b 3", "u2 b 3 a b"]
         (GOOD_ITEMS, ["u1 a b 3", "", "u2 a b"], "sequences.txt", 3, "has 2 items"),
         (GOOD_ITEMS, ["u1 a b 3", "u1 a b 3"], "sequences.txt", 2, "duplicate user id"),
         (GOOD_ITEMS, [], "sequences.txt", 0, "empty file"),
+        (GOOD_ITEMS[:2] + ['{"item_id": 3, "title": "C", "attributes": ["x"]}'], GOOD_SEQS, "items.jsonl", 3,
+         "field 'attributes' must be an object"),
+        (GOOD_ITEMS[:2] + ['{"item_id": 3, "title": "C", "attributes": {"brand": 5}}'], GOOD_SEQS, "items.jsonl", 3,
+         "attribute 'brand' must be a string or a list of strings"),
     ],
 )
 def test_malformed_genrec(tmp_path: Path, items: list[str], seqs: list[str], bad_file: str, line: int, reason: str) -> None:
