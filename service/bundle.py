@@ -140,15 +140,20 @@ class Bundle:
 
     def lookup(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """(known item indices in input order, unknown external ids in input order)."""
-        known: list[int] = []
-        unknown: list[str] = []
-        for item_id in item_ids:
-            index = self.index_of.get(item_id)
-            if index is None:
-                unknown.append(item_id)
-            else:
-                known.append(index)
-        return known, unknown
+        return lookup_ids(self.index_of, item_ids)
+
+
+def lookup_ids(index_of: dict[str, int], item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
+    """(indices of the ids index_of knows, in input order; the ids it does not know, in input order)."""
+    known: list[int] = []
+    unknown: list[str] = []
+    for item_id in item_ids:
+        index = index_of.get(item_id)
+        if index is None:
+            unknown.append(item_id)
+        else:
+            known.append(index)
+    return known, unknown
 
 
 def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bundle:

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.bundle import Bundle
+from service.bundle import Bundle, lookup_ids
 from service.constraints import AttributeIndex, RestrictionCache
 from service.new_item_codes import NewItemCoder, NoTextPath, load_new_item_coder
 
@@ -114,15 +114,7 @@ class CatalogView:
     def lookup(self, item_ids: Sequence[str]) -> tuple[list[int], list[str]]:
         """(known item indices in input order, unknown ids in input order). A deleted item is still
         known: it is history (a user did buy it), only recommendations leave it out."""
-        known: list[int] = []
-        unknown: list[str] = []
-        for item_id in item_ids:
-            index = self.index_of.get(item_id)
-            if index is None:
-                unknown.append(item_id)
-            else:
-                known.append(index)
-        return known, unknown
+        return lookup_ids(self.index_of, item_ids)
 
     def free_slot(self, raw: tuple[int, ...], capacity: int, skip: set[tuple[int, ...]] = frozenset()) -> tuple[int, ...] | None:
         """The lowest free collision code on a raw tuple, as a full semantic ID; None when the level is full."""
