@@ -91,10 +91,11 @@ def _restore_priority(new_threads: set[int], inherited_nice: int) -> None:
     if sys.platform != "linux" or not new_threads:
         return
     target = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    lowered = min(target + inherited_nice, 19)  # the kernel caps nice values at 19
     refused = 0
     for tid in new_threads:
         try:
-            if os.getpriority(os.PRIO_PROCESS, tid) == target + inherited_nice:
+            if os.getpriority(os.PRIO_PROCESS, tid) == lowered:
                 os.setpriority(os.PRIO_PROCESS, tid, target)
         except PermissionError:
             refused += 1
@@ -102,7 +103,7 @@ def _restore_priority(new_threads: set[int], inherited_nice: int) -> None:
             pass
     if refused:
         log.warning("%d onnxruntime thread(s) of the reloaded engine stay at nice %d: raising them back needs root "
-                    "or CAP_SYS_NICE; a restart gives them the event loop's priority", refused, target + inherited_nice)
+                    "or CAP_SYS_NICE; a restart gives them the event loop's priority", refused, lowered)
 
 
 class Reloader:
