@@ -192,6 +192,13 @@ def apply_records(view: CatalogView, changes: Sequence[ItemRecord], base_popular
     )
 
 
+def restrictions_over(view: CatalogView) -> RestrictionCache:
+    """Per-request constraints (service/constraints.py) over a view: its codes, attributes and live
+    items, added ones included."""
+    attributes = AttributeIndex.from_rows(view.attributes, view.num_items)
+    return RestrictionCache(view.semantic_ids, attributes, view.popularity, view.live)
+
+
 def codes_so_far(view: CatalogView, rows: list[tuple[int, tuple[int, ...]]], index: int) -> tuple[int, ...] | None:
     """The codes index holds so far in this application (pending rows first, then the view)."""
     for row_index, codes in reversed(rows):
@@ -372,6 +379,7 @@ class Catalog:
         self.poll_s = poll_s
         self.capacity = int(bundle.manifest.model.get("config", {}).get("codebook_sizes", [0])[-1] or 0)
         self._current = self._latest = initial_view(bundle)
+        self._restrictions = restrictions_over(self._current)
         self._write_lock = asyncio.Lock()
         self._publish_lock = asyncio.Lock()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="catalog")
@@ -379,7 +387,6 @@ class Catalog:
         self._seen_store_version = -1
         self.coder: NewItemCoder | None = None
         self.refusal = ""  # why this service cannot add items ("" when it can)
-        self._restrictions: tuple[CatalogView, RestrictionCache] | None = None
         if not hasattr(engine, "prepare_catalog"):
             self.refusal = "catalog changes need the onnx engine (GENREC_ENGINE=onnx)"
         elif getattr(engine, "new_items_refused", ""):
@@ -392,13 +399,8 @@ class Catalog:
         return self._current
 
     def restrictions(self) -> RestrictionCache:
-        """Per-request constraints over the current view (service/constraints.py): its codes, attributes
-        and live items, added ones included; a new cache whenever the view changes."""
-        view = self._current
-        if self._restrictions is None or self._restrictions[0] is not view:
-            attributes = AttributeIndex.from_rows(view.attributes, view.num_items)
-            self._restrictions = (view, RestrictionCache(view.semantic_ids, attributes, view.popularity, view.live))
-        return self._restrictions[1]
+        """Per-request constraints over the current view; built with it, off the request path."""
+        return self._restrictions
 
     async def start(self) -> None:
         """Load the text path, re-apply the stored changes, start polling a shared store."""
@@ -538,8 +540,9 @@ class Catalog:
             loop = asyncio.get_running_loop()
             prepared = await loop.run_in_executor(self._executor, self.engine.prepare_catalog,
                                                   latest.semantic_ids, latest.live, latest.version)
+            restrictions = await loop.run_in_executor(self._executor, restrictions_over, latest)
             self.engine.swap_catalog(prepared)  # the engine first: a request resolving new ids finds their codes
-            self._current = latest
+            self._current, self._restrictions = latest, restrictions
 
 
 def build_catalog_store(settings: Any, bundle: Bundle) -> CatalogStore:

@@ -5,14 +5,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from service.schemas import AttributeName, AttributeValue
+
 MAX_TITLE = 512
 MAX_TEXT = 20_000
 MAX_ATTRIBUTES = 32  # keys per item
 MAX_VALUES = 64  # values per key
-MAX_VALUE_LENGTH = 256
-
-AttributeName = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=64)]
-AttributeValue = Annotated[str, StringConstraints(strict=True, min_length=1, max_length=MAX_VALUE_LENGTH)]
 
 
 class ItemPutRequest(BaseModel):
