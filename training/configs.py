@@ -125,6 +125,12 @@ CONFIGS: dict[str, PipelineConfig] = dict([
     _named("beauty-cf-item-head", "beauty", tokenizer="rqkmeans", item_features="collaborative", model=_ITEM_HEAD_MODEL,
            train=TrainConfig(max_train_seconds=5100, eval_users=4000, eval_every=2, init_codes_from_features=True,
                              batch_size=64, lr=1e-3)),
+    # LETTER's codes with the Beauty default's recommender and schedule (item ids, item head, warm start, batch 64):
+    # the comparison issue 26 asks for, at the default's epoch count.
+    _named("beauty-letter-item-head", "beauty", tokenizer="letter", tokenizer_params=_LETTER_TOKENIZER,
+           model=dataclasses.replace(_ITEM_HEAD_MODEL, code_loss_temperature=_LETTER_TAU),
+           train=TrainConfig(max_train_seconds=5100, eval_users=4000, eval_every=2, init_codes_from_features=True,
+                             batch_size=64, lr=1e-3)),
     _named("scientific-cf-item-head", "scientific", tokenizer="rqkmeans", item_features="collaborative",
            model=_ITEM_HEAD_MODEL,
            train=TrainConfig(max_train_seconds=1200, eval_users=2000, init_codes_from_features=True)),
