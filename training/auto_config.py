@@ -62,10 +62,17 @@ def derived_config(dataset: str, shape: DataShape, max_train_seconds: float = 3 
     d_model = 64 if shape.n_items < 3000 else 128 if shape.n_items < 50_000 else 256
     # About sqrt(N) codes per level: the first code splits the catalog into groups of ~sqrt(N) items.
     codebook_size = _power_of_two(math.sqrt(shape.n_items), 16, 256)
+    # The decoder's cross-attention carries no position: over a long window it cannot tell the newest
+    # item from the others, so its first input is the encoder's newest state.
     model = Seq2SeqConfig(d_model=d_model, n_heads=max(2, d_model // 32), d_ff=4 * d_model, max_history=max_history,
-                          history_item_ids=True, item_head=True)
+                          history_item_ids=True, item_head=True,
+                          decoder_start_from_history=max_history > PROTOCOL_HISTORY)
+    # Every position of a sequence is a target, so a step's gradient averages batch x history
+    # targets: the learning rate grows with their square root from 1e-3 at 256, within [5e-4, 2e-3].
+    targets_per_step = batch_size * min(shape.history_median, max_history)
+    lr = float(np.clip(1e-3 * math.sqrt(targets_per_step / 256), 5e-4, 2e-3))
     train = TrainConfig(
-        epochs=200, batch_size=batch_size, lr=1e-3 * math.sqrt(batch_size / 64), warmup_steps=min(500, steps_per_epoch),
+        epochs=200, batch_size=batch_size, lr=lr, warmup_steps=min(500, steps_per_epoch),
         patience=4, min_epochs=5, eval_every=1, eval_users=min(4000, shape.n_users),
         max_train_seconds=max_train_seconds, max_sequence_items=max(64, max_history + 1),
         init_codes_from_features=True)
