@@ -47,6 +47,9 @@ class ReferenceBeamEngine:
         self.provider = self.decoder.get_providers()[0]
         self.beam_size = bundle.beam_size
         self.levels = bundle.levels
+        config = bundle.manifest.model.get("config", {})
+        self.head_candidates = int(config.get("item_head_candidates", 0)) if config.get("item_head") else 0
+        self.semantic_ids = bundle.semantic_ids
         self.trie = PrefixTrie(bundle.semantic_ids)
         self._tensorize = HistoryTensorizer(bundle.semantic_ids, max_history or bundle.max_history)
 
@@ -64,12 +67,48 @@ class ReferenceBeamEngine:
         for b in range(len(histories)):
             found = [(self.trie.item_at(codes), score) for codes, score in self._search_one(memory[b : b + 1], history_mask[b : b + 1], allowed)]
             if item_bonus is not None:
+                if self.head_candidates:
+                    found += self._head_candidates(memory[b : b + 1], history_mask[b : b + 1], item_bonus[b],
+                                                   {item for item, _ in found}, allowed)
                 found = [(item, score + float(item_bonus[b, item])) for item, score in found]
                 found.sort(key=lambda candidate: candidate[1], reverse=True)
+                found = found[: self.beam_size]
             for j, (item, score) in enumerate(found):
                 item_indices[b, j] = item
                 scores[b, j] = score
         return item_indices, scores
+
+    def _code_log_prob(self, log_probs: np.ndarray, codes: tuple[int, ...],
+                       allowed: set[tuple[int, ...]] | None) -> float:
+        """log_probs (L, V) of one teacher-forced decoder pass over `codes`: each level's log-prob
+        renormalized over the prefix's valid children, as the beam scores it."""
+        total = 0.0
+        for step, code in enumerate(codes):
+            prefix = codes[:step]
+            children = self.trie.children(prefix)
+            if allowed is not None:
+                children = [c for c in children if prefix + (c,) in allowed]
+            children_mass = float(np.logaddexp.reduce(log_probs[step, children].astype(np.float64)))
+            total += float(log_probs[step, code]) - children_mass
+        return total
+
+    def _head_candidates(self, memory: np.ndarray, history_mask: np.ndarray, item_bonus: np.ndarray,
+                         found: set[int], allowed: set[tuple[int, ...]] | None) -> list[tuple[int, float]]:
+        """The item head's best items the beam did not find (item_head_candidates of them), each with
+        its codes' renormalized log-probability (training/beam.py add_item_head_candidates)."""
+        open_items = [i for i in range(len(item_bonus)) if i not in found
+                      and (allowed is None or tuple(int(c) for c in self.semantic_ids[i]) in allowed)]
+        best = sorted(open_items, key=lambda i: -float(item_bonus[i]))[: self.head_candidates]
+        if not best:
+            return []
+        codes = self.semantic_ids[best].astype(np.int64)
+        (log_probs,) = self.decoder.run(["log_probs"], {
+            "memory": np.repeat(memory, len(best), axis=0),
+            "history_mask": np.repeat(history_mask, len(best), axis=0),
+            "prefix_codes": codes[:, :-1],
+        })  # (c, L, V)
+        return [(item, self._code_log_prob(log_probs[j], tuple(int(c) for c in codes[j]), allowed))
+                for j, item in enumerate(best)]
 
     def _search_one(self, memory: np.ndarray, history_mask: np.ndarray,
                     allowed: set[tuple[int, ...]] | None = None) -> list[tuple[tuple[int, ...], float]]:

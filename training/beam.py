@@ -120,6 +120,11 @@ def rerank_with_item_head(
     return items.gather(1, order), combined
 
 
+def model_candidates(model: nn.Module) -> int:
+    """How many item-head candidates the search adds (0 for models without the setting)."""
+    return int(getattr(model.cfg, "item_head_candidates", 0)) if getattr(model.cfg, "item_head", False) else 0
+
+
 class ConstrainedBeamSearch(nn.Module):
     """The search over any model kind with the decoder interface (training/model_kinds.py): cfg,
     encode, cross_keys_values, step_input, decode_newest, level_log_probs (item_log_probs with an
@@ -170,8 +175,55 @@ class ConstrainedBeamSearch(nn.Module):
         live = scores > NEG / 2
         items = torch.where(live, leaf_items[node].long(), torch.full_like(node, -1))
         if self.use_item_head:
+            if model_candidates(model) > 0:
+                items, scores = self.add_item_head_candidates(items, scores, memory, history_mask, trie_codes,
+                                                              trie_offsets, leaf_items)
             items, scores = rerank_with_item_head(model, memory[:, -1], items, scores)
+            items, scores = items[:, :beam], scores[:, :beam]
         return items, scores
+
+    def add_item_head_candidates(
+        self, items: torch.Tensor, scores: torch.Tensor, memory: torch.Tensor, history_mask: torch.Tensor,
+        trie_codes: list[torch.Tensor], trie_offsets: list[torch.Tensor], leaf_items: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """items/scores (B, k) from the beam -> (B, k + c): plus the item head's best c trained items
+        among the trie's leaves (the live catalog, any restriction applied) that the beam did not
+        find, each with its codes' log-probability from one teacher-forced decoder pass, renormalized
+        over the trie's valid children level by level exactly as constrained_step scores a beam."""
+        model, c = self.model, model_candidates(self.model)
+        b, n = items.shape[0], model.cfg.item_count
+        head = model.item_log_probs(memory[:, -1])  # (B, N)
+        # Items the trie holds (column n collects new items and padding), minus the beam's own.
+        leaf_rows = torch.where((leaf_items >= 0) & (leaf_items < n), leaf_items.long(), torch.full_like(leaf_items, n).long())
+        in_trie = torch.zeros(n + 1, device=head.device).scatter(0, leaf_rows, torch.ones_like(leaf_rows, dtype=head.dtype))
+        beam_rows = torch.where((items >= 0) & (items < n), items, torch.full_like(items, n))
+        in_beam = torch.zeros(b, n + 1, device=head.device).scatter(1, beam_rows, torch.ones_like(beam_rows, dtype=head.dtype))
+        open_rows = (in_trie[None, :n] > 0) & (in_beam[:, :n] < 1)
+        head_scores, extra = (head + (~open_rows).to(head.dtype) * NEG).topk(min(c, n), dim=1)  # (B, c)
+        c = extra.shape[1]
+        codes = model.item_codes[extra.reshape(-1)]  # (B * c, L)
+        cross_kv = model.cross_keys_values(memory)
+        cross_bias = torch.zeros(history_mask.shape, device=memory.device).masked_fill(~history_mask, NEG)[:, None, None, :]
+        newest = memory[:, -1, None].expand(-1, c, -1).reshape(b * c, -1)
+        hidden = model.decode(codes[:, :-1], newest, cross_kv, cross_bias, groups=c)  # (B * c, L, D)
+        node = torch.zeros(b, c, dtype=torch.long, device=memory.device)
+        code_scores = torch.zeros(b, c, device=memory.device)
+        for step in range(model.cfg.levels):
+            log_probs = model.level_log_probs(hidden[:, step], step).reshape(b, c, -1)  # (B, c, V)
+            if step == model.cfg.levels - 1:
+                log_probs = self.new_items_as_average_siblings(log_probs, node, trie_codes[step], trie_offsets[step],
+                                                               leaf_items)
+            v = log_probs.shape[-1]
+            slots = slot_grid(trie_codes[step], node, v + 1)  # (B, c, V + 1)
+            invalid = (slots < 0).to(log_probs.dtype) * NEG
+            renormalized = (nn.functional.pad(log_probs, (1, 0), value=NEG) + invalid).log_softmax(-1)
+            column = codes[:, step].reshape(b, c, 1) + 1
+            code_scores = code_scores + renormalized.gather(2, column)[..., 0]
+            node = trie_offsets[step][node].long() + slots.gather(2, column)[..., 0].clamp(min=0)
+        live = head_scores > NEG / 2  # fewer open items than c: the rest stay dead
+        extra = torch.where(live, extra, torch.full_like(extra, -1))
+        code_scores = torch.where(live, code_scores, torch.full_like(code_scores, NEG))
+        return torch.cat([items, extra], dim=1), torch.cat([scores, code_scores], dim=1)
 
     def last_level_log_probs(
         self, x: torch.Tensor, self_kv: list[KV], cross_kv: list[KV], cross_bias: torch.Tensor,

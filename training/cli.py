@@ -142,7 +142,7 @@ def _export(args: argparse.Namespace) -> int:
     """Rebuilds a bundle's graphs from its weights with the current code (no retraining)."""
     from training.export import reexport_graphs
 
-    reexport_graphs(args.bundle)
+    reexport_graphs(args.bundle, args.item_head_candidates)
     print(f"[genrec] graphs rebuilt in {args.bundle}")
     return 0
 
@@ -215,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("export", help="rebuild a bundle's ONNX graphs from its recommender.safetensors, in place")
     p.add_argument("--bundle", required=True, type=Path)
+    p.add_argument("--item-head-candidates", type=int, default=None,
+                   help="also rank the item head's best N items the beam missed (model.item_head_candidates)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("text-path", help="add what gives new items codes from their text (PUT /items) to a bundle")

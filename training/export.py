@@ -149,15 +149,22 @@ def load_recommender(bundle_dir: Path) -> torch.nn.Module:
     return model.eval()
 
 
-def reexport_graphs(bundle_dir: Path) -> None:
+def reexport_graphs(bundle_dir: Path, item_head_candidates: int | None = None) -> None:
     """Rebuilds a bundle's ONNX graphs in place from its recommender.safetensors with the current
-    graph code (a graph layout change needs no retraining), then rewrites the manifest's digests."""
+    graph code (a graph layout change needs no retraining), then rewrites the manifest's digests.
+    item_head_candidates: also change that search setting (model.item_head_candidates) for the rebuilt graph."""
     bundle_dir = Path(bundle_dir)
     if not (bundle_dir / "recommender.safetensors").is_file():
         raise FileNotFoundError(f"{bundle_dir} has no recommender.safetensors: its graphs cannot be rebuilt")
     bundle = load_bundle(bundle_dir, verify_checksums=False)
-    model = load_recommender(bundle_dir)
-    model_kind(bundle.manifest.model["kind"]).export_graphs(model, bundle.semantic_ids.astype(np.int64),
-                                                            bundle.beam_size, bundle_dir)
     manifest = bundle.manifest
+    if item_head_candidates is not None:
+        config = manifest.model.get("config", {})
+        if not config.get("item_head") or item_head_candidates < 0:
+            raise ValueError("item_head_candidates needs a model with an item head and a count >= 0")
+        manifest = replace(manifest, model={**manifest.model, "config": {**config, "item_head_candidates": item_head_candidates}})
+        manifest.write(bundle_dir)  # load_recommender reads the setting from the manifest
+    model = load_recommender(bundle_dir)
+    model_kind(manifest.model["kind"]).export_graphs(model, bundle.semantic_ids.astype(np.int64),
+                                                     bundle.beam_size, bundle_dir)
     replace(manifest, files=file_digests(bundle_dir, manifest.files)).write(bundle_dir)

@@ -71,6 +71,11 @@ class Seq2SeqConfig:
     # (LIGER-style: generative retrieval, dense ranking of what it retrieved).
     item_head: bool = False
     item_head_weight: float = 1.0
+    # Also rank the item head's best `item_head_candidates` catalog items the beam did not find,
+    # each scored by its codes' log-probability (teacher-forced, renormalized over the trie as the
+    # beam scores) + the head's: the beam alone drops items whose first code the decoder misjudges.
+    # An inference setting; changing it needs no retraining, only a re-export.
+    item_head_candidates: int = 0
     # LETTER's ranking-guided generation loss: the code cross-entropy over logits / tau (tau < 1
     # sharpens the softmax, weighting hard negatives more). decode_with_temperature makes the beam
     # search score with logits / tau as well.

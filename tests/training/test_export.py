@@ -34,12 +34,14 @@ def test_export_rebuilds_graphs_in_place_with_fresh_digests(tiny_bundle: Path, t
     np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
 
 
-@pytest.mark.parametrize("option", ["model.decoder_start_from_history=true", "model.item_head=true"])
-def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path: Path, option: str) -> None:
+@pytest.mark.parametrize("options", [("model.decoder_start_from_history=true",), ("model.item_head=true",),
+                                     ("model.item_head=true", "model.item_head_candidates=6")])
+def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path: Path, options: tuple[str, ...]) -> None:
     """The options change the graphs (a history_items input; the decoder's first input reads the
     newest memory row; the item head re-ranks the beam's items in the graph, and the encoder graph
-    returns the reference's item_bonus): the served top-10 must still be torch's, and the reference
-    engine's."""
+    returns the reference's item_bonus; head candidates add the head's best items the beam missed,
+    scored by a teacher-forced decoder pass): the served top-10 must still be torch's, and the
+    reference engine's."""
     from service.reference import ReferenceBeamEngine
     from training.configs import apply_overrides, get_config
     from training.data import make_synthetic_dataset, write_dataset
@@ -47,7 +49,7 @@ def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path
 
     data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
     cfg = apply_overrides(get_config("tiny", str(data_dir)),
-                          ["model.history_item_ids=true", option, "train.init_codes_from_features=true"])
+                          ["model.history_item_ids=true", *options, "train.init_codes_from_features=true"])
     summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
     check = summary["export_check"]
     assert check["served_top10_equal"] == check["users_checked"] > 0
@@ -57,13 +59,20 @@ def test_item_ids_and_a_history_start_export_and_serve_what_torch_ranks(tmp_path
     fast = OnnxBeamEngine(bundle, providers="cpu")
     assert "history_items" in {i.name for i in fast.session.get_inputs()}
     reference = ReferenceBeamEngine(bundle, providers="cpu")
-    assert ("item_bonus" in reference._encoder_outputs) == (option == "model.item_head=true")
-    assert ("test_codes_only" in summary) == (option == "model.item_head=true")
+    has_head = "model.item_head=true" in options
+    assert ("item_bonus" in reference._encoder_outputs) == has_head
+    assert ("test_codes_only" in summary) == has_head
     histories = [np.array([3, 1, 4]), np.array([59]), np.arange(25) % 60]
     items, scores = fast.search(histories)
     reference_items, reference_scores = reference.search(histories)
     np.testing.assert_array_equal(items[:, :10], reference_items[:, :10])
     np.testing.assert_allclose(scores[:, :10], reference_scores[:, :10], atol=1e-4)
+    if options == ("model.item_head=true",):  # switched on after training: re-export, no retraining
+        assert genrec(["export", "--bundle", summary["bundle"], "--item-head-candidates", "6"]) == 0
+        bundle = load_bundle(Path(summary["bundle"]))
+        assert bundle.manifest.model["config"]["item_head_candidates"] == 6
+        items, _ = OnnxBeamEngine(bundle, providers="cpu").search(histories)
+        np.testing.assert_array_equal(items[:, :10], ReferenceBeamEngine(bundle, providers="cpu").search(histories)[0][:, :10])
 
 
 def test_the_bundle_tokenizer_gives_an_item_its_codes_from_its_text(tiny_bundle: Path) -> None:

@@ -74,3 +74,45 @@ def test_models_without_the_head_keep_their_weight_names() -> None:
     cfg = Seq2SeqConfig(codebook_sizes=[4, 3], d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1)
     assert not any("item_codes" in name for name in GenerativeRecommender(cfg).state_dict())
     assert "item_codes" in item_head_model().state_dict()
+
+
+def _search(model: GenerativeRecommender, beam: int, semantic_ids: np.ndarray, histories: torch.Tensor):
+    from service.trie import build_trie
+    from training.beam import ConstrainedBeamSearch, trie_tensors
+
+    trie = trie_tensors(build_trie(semantic_ids).as_feeds(), model.cfg.levels)
+    items = histories.clamp(max=len(SEMANTIC_IDS) - 1)
+    codes = torch.as_tensor(SEMANTIC_IDS)[items]
+    with torch.no_grad():
+        return ConstrainedBeamSearch(model, beam)(codes, torch.ones_like(items, dtype=torch.bool), items, *trie)
+
+
+def test_head_candidates_score_exactly_as_the_beam_would_have() -> None:
+    """A beam of 2 plus 5 head candidates ranks every item with the score a beam wide enough to
+    find them all gives it: the teacher-forced pass renormalizes over the trie as the beam does."""
+    histories = torch.tensor([[0, 3, 1], [2, 4, 4], [1, 1, 0]])
+    wide_items, wide_scores = _search(item_head_model(), 5, SEMANTIC_IDS, histories)
+    narrow = item_head_model()
+    narrow.cfg.item_head_candidates = 5
+    items, scores = _search(narrow, 2, SEMANTIC_IDS, histories)
+    assert items.shape == (3, 2)  # the graph's output keeps the beam's width
+    torch.testing.assert_close(items, wide_items[:, :2])
+    torch.testing.assert_close(scores, wide_scores[:, :2])
+
+
+def test_head_candidates_come_only_from_the_trie() -> None:
+    """Items outside the (restricted) trie never come back, however the head ranks them."""
+    from service.constraints import restricted_trie
+    from training.beam import ConstrainedBeamSearch, trie_tensors
+
+    model = item_head_model()
+    model.cfg.item_head_candidates = 5
+    allowed = np.array([True, False, True, False, True])
+    trie = trie_tensors(restricted_trie(SEMANTIC_IDS, allowed).as_feeds(), model.cfg.levels)
+    items = torch.tensor([[0, 3, 1], [2, 4, 4]])
+    with torch.no_grad():
+        found, scores = ConstrainedBeamSearch(model, 4)(torch.as_tensor(SEMANTIC_IDS)[items], torch.ones_like(items, dtype=torch.bool),
+                                                        items, *trie)
+    for row in found.tolist():
+        assert sorted(i for i in row if i >= 0) == [0, 2, 4]
+        assert row[3] == -1
