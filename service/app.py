@@ -39,6 +39,7 @@ from service.reload import OpenedBundle, Reloader
 from service.spool import DurableEventWriter
 
 log = logging.getLogger("service")
+CLOSE_TIMEOUT_S = 5.0  # per client closed at shutdown, after the drain
 
 
 def create_app(settings: Settings | None = None, *, history_store: HistoryStore | None = None) -> FastAPI:
@@ -68,8 +69,12 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
             serving = state.serving or serving  # a reload may have swapped it
             await serving.batcher.close(settings.drain_timeout_s)
             await serving.events.close(settings.drain_timeout_s)  # flush the spool into Redis if it is back
-            await serving.store.close()
-            await serving.catalog.close()
+            # Closing clients must not hold the process past its drain: each gets a bound.
+            for name, closing in (("history store", serving.store.close()), ("catalog", serving.catalog.close())):
+                try:
+                    await asyncio.wait_for(closing, CLOSE_TIMEOUT_S)
+                except Exception as e:  # a timeout included: shutting down either way
+                    log.warning("closing the %s did not finish cleanly (%s); shutting down anyway", name, type(e).__name__)
 
     app = FastAPI(
         title="genrec",
