@@ -103,12 +103,15 @@ class ConstrainedStep(nn.Module):
 
 
 def rerank_with_item_head(
-    model: GenerativeRecommender, user_state: torch.Tensor, items: torch.Tensor, scores: torch.Tensor
+    model: GenerativeRecommender, user_state: torch.Tensor, items: torch.Tensor, scores: torch.Tensor,
+    log_probs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The beam's candidates ranked by codes' log-probability + item_head_weight * the item head's
-    log-probability. user_state (B, D); items (B, k), -1 for no item; scores (B, k). Dead beams keep
-    their score (<= NEG / 2), so they stay last. -> (items, scores), best first."""
-    log_probs = model.item_log_probs(user_state)  # (B, N) over the catalog the model was trained on
+    log-probability. user_state (B, D); items (B, k), -1 for no item; scores (B, k); log_probs the
+    head's (B, N) when already computed. Dead beams keep their score (<= NEG / 2), so they stay last.
+    -> (items, scores), best first."""
+    if log_probs is None:
+        log_probs = model.item_log_probs(user_state)  # (B, N) over the catalog the model was trained on
     trained = (items >= 0) & (items < log_probs.shape[1])
     bonus = log_probs.gather(1, items.clamp(0, log_probs.shape[1] - 1))
     # An item added after export (index >= N, service/catalog.py) has no row: it takes the mean bonus
@@ -175,24 +178,25 @@ class ConstrainedBeamSearch(nn.Module):
         live = scores > NEG / 2
         items = torch.where(live, leaf_items[node].long(), torch.full_like(node, -1))
         if self.use_item_head:
+            head = model.item_log_probs(memory[:, -1])  # (B, N)
             if model_candidates(model) > 0:
-                items, scores = self.add_item_head_candidates(items, scores, memory, history_mask, trie_codes,
+                items, scores = self.add_item_head_candidates(items, scores, head, memory, history_mask, trie_codes,
                                                               trie_offsets, leaf_items)
-            items, scores = rerank_with_item_head(model, memory[:, -1], items, scores)
+            items, scores = rerank_with_item_head(model, memory[:, -1], items, scores, head)
             items, scores = items[:, :beam], scores[:, :beam]
         return items, scores
 
     def add_item_head_candidates(
-        self, items: torch.Tensor, scores: torch.Tensor, memory: torch.Tensor, history_mask: torch.Tensor,
+        self, items: torch.Tensor, scores: torch.Tensor, head: torch.Tensor, memory: torch.Tensor, history_mask: torch.Tensor,
         trie_codes: list[torch.Tensor], trie_offsets: list[torch.Tensor], leaf_items: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """items/scores (B, k) from the beam -> (B, k + c): plus the item head's best c trained items
+        """items/scores (B, k) from the beam, head (B, N) the item head's log-probabilities ->
+        (B, k + c): plus the head's best c trained items
         among the trie's leaves (the live catalog, any restriction applied) that the beam did not
         find, each with its codes' log-probability from one teacher-forced decoder pass, renormalized
         over the trie's valid children level by level exactly as constrained_step scores a beam."""
         model, c = self.model, model_candidates(self.model)
         b, n = items.shape[0], model.cfg.item_count
-        head = model.item_log_probs(memory[:, -1])  # (B, N)
         # Items the trie holds (column n collects new items and padding), minus the beam's own.
         leaf_rows = torch.where((leaf_items >= 0) & (leaf_items < n), leaf_items.long(), torch.full_like(leaf_items, n).long())
         in_trie = torch.zeros(n + 1, device=head.device).scatter(0, leaf_rows, torch.ones_like(leaf_rows, dtype=head.dtype))
