@@ -24,6 +24,12 @@ def test_the_derived_configuration_follows_the_data_not_its_name() -> None:
     assert long_cfg.train.batch_size < short_cfg.train.batch_size  # ~200 steps an epoch either way
     assert long_cfg.model.d_model < short_cfg.model.d_model
     assert long_cfg.tokenizer_params["codebook_size"] < short_cfg.tokenizer_params["codebook_size"]
+    # Over a long window the decoder starts from the newest state; a short one keeps BOS alone.
+    assert long_cfg.model.decoder_start_from_history and not short_cfg.model.decoder_start_from_history
+    # Every position is a target: the same users with longer histories give more targets a step, a larger step.
+    shorter = derived_config("c", DataShape.of(make_synthetic_dataset(400, 60, seed=0, n_clusters=2, max_length=8)))
+    assert shorter.train.batch_size == long_cfg.train.batch_size
+    assert 5e-4 <= shorter.train.lr < long_cfg.train.lr <= 2e-3
     renamed = dataclasses.replace(long_small, name="beauty")
     assert dataclasses.replace(derived_config("a", DataShape.of(renamed)), name="x") == dataclasses.replace(long_cfg, name="x")
 
