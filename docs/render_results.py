@@ -77,7 +77,8 @@ TABLES: list[tuple[str, str, str, str]] = [
      "2,000 users with 30-100 items each walking one of 240 random chains through the catalog (10% random detours), "
      "so the last item alone is ambiguous. `genrec pipeline --dataset data-shaped/long-histories --seed 0` with no "
      "flags (the derived configuration: history 93, batch 16, d 64, codebooks of 32, item head), validation R@10 / "
-     "N@10 on 2,000 users beside the floors and SASRec on the same split; test figures where the run finished.", "rows"),
+     "N@10 on 2,000 users beside the floors and SASRec on the same split; test figures where the run finished. The same "
+     "command writes `short-sessions-beauty`: each Beauty user's last 4 items over the whole 12,101-item catalog.", "rows"),
     ("published", "Published figures on Beauty",
      "Other methods' published test figures under the same protocol, for comparison; not run here.", "rows"),
     ("tuning", "Beauty variants on an H100",
