@@ -80,7 +80,8 @@ def derived_config(dataset: str, shape: DataShape, max_train_seconds: float = 3 
               "batch_size": _power_of_two(shape.n_users / STEPS_PER_EPOCH, 32, 256)}
     return PipelineConfig(
         name=f"derived-{Path(dataset).name}", dataset=dataset, tokenizer="rqkmeans", item_features="collaborative",
-        tokenizer_params={"levels": 3, "codebook_size": codebook_size}, model=model, train=train, sasrec=sasrec)
+        tokenizer_params={"levels": 3, "codebook_size": codebook_size}, model=model, train=train, sasrec=sasrec,
+        choose_item_head_candidates=True)
 
 
 def tune_candidates(base: PipelineConfig) -> dict[str, PipelineConfig]:

@@ -43,6 +43,9 @@ class PipelineConfig:
     store: StoreTaskConfig | None = None  # STORE's task mix and code source (model_kind "store", training/store.py)
     evaluate_unconstrained: bool = False  # also rank test users by a search without the trie (invalid IDs miss)
     beam_size: int = 20
+    # With an item head: also try beam_size item-head candidates (model.item_head_candidates) on the
+    # validation users after training, and keep them, in the figures and the bundle, only if NDCG@10 rises.
+    choose_item_head_candidates: bool = False
     # "leave-one-out" (the protocol), or "new-items" (training/splits.py): new_item_fraction of the
     # items, stratified by popularity and chosen with new_item_seed (fixed across seeds, as the
     # split is), held out of training and tokenizer fitting; figures by target group.

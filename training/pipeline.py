@@ -213,8 +213,21 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         return np.arange(n)
 
     users, valid_users = evaluated_rows(len(splits.test_targets)), evaluated_rows(len(splits.valid_targets))
+    valid_histories = [splits.valid_histories[u] for u in valid_users]
     ranker = beam_ranker(result.model, semantic_ids, cfg.beam_size, device)
-    valid = evaluate(ranker, [splits.valid_histories[u] for u in valid_users], splits.valid_targets[valid_users])
+    valid = evaluate(ranker, valid_histories, splits.valid_targets[valid_users])
+    candidates_choice = None
+    if cfg.choose_item_head_candidates and getattr(model_cfg, "item_head", False) and not model_cfg.item_head_candidates:
+        # An inference setting (training/beam.py): kept, and exported, only if validation NDCG@10 is higher.
+        result.model.cfg.item_head_candidates = cfg.beam_size
+        with_candidates = evaluate(ranker, valid_histories, splits.valid_targets[valid_users])
+        chosen = cfg.beam_size if with_candidates["ndcg@10"] > valid["ndcg@10"] else 0
+        candidates_choice = {"chosen": chosen, "valid_without": valid, "valid_with": with_candidates}
+        result.model.cfg.item_head_candidates = chosen
+        valid = with_candidates if chosen else valid
+        if progress:
+            print(f"[genrec] item-head candidates: {chosen} (valid N@10 {valid['ndcg@10']:.4f} with them: "
+                  f"{with_candidates['ndcg@10']:.4f}, without: {candidates_choice['valid_without']['ndcg@10']:.4f})", flush=True)
     test_histories = [splits.test_histories[u] for u in users]
     test_ranked = ranker(test_histories)
     test = topk_metrics(test_ranked, splits.test_targets[users])
@@ -285,6 +298,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         text_encoder=cfg.text_encoder,
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+                 **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
                  **({"new_items": new_item_figures} if new_item_figures else {}),
                  **({"store": store_figures} if store_figures else {}),
@@ -334,6 +348,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "valid": valid,
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+        **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
         **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
         **({"store": store_figures} if store_figures else {}),

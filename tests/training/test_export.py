@@ -136,3 +136,23 @@ def test_the_floors_table_warns_in_bold_when_the_model_is_below_a_floor() -> Non
     assert "| this model | 0.1000 | 0.0400 |" in table
     assert "**WARNING: this model is below the last-item transitions floor" in table  # N@10 .04 < .05
     assert "WARNING" not in floors_table(row(0.10, 0.06), row(0.1, 0.06), floors)  # SASRec is no floor
+
+
+def test_the_pipeline_keeps_item_head_candidates_only_when_validation_says_so(tmp_path: Path) -> None:
+    """choose_item_head_candidates: both settings are scored on validation, the better NDCG@10 is
+    kept in the figures and exported in the bundle, whose served top-10 is still torch's."""
+    from training.configs import apply_overrides, get_config
+    from training.data import make_synthetic_dataset, write_dataset
+    from training.pipeline import run_pipeline
+
+    data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
+    cfg = apply_overrides(get_config("tiny", str(data_dir)),
+                          ["model.history_item_ids=true", "model.item_head=true", "choose_item_head_candidates=true"])
+    summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
+    choice = summary["item_head_candidates"]
+    better = choice["valid_with"]["ndcg@10"] > choice["valid_without"]["ndcg@10"]
+    assert choice["chosen"] == (cfg.beam_size if better else 0)
+    assert summary["valid"] == (choice["valid_with"] if better else choice["valid_without"])
+    bundle = load_bundle(Path(summary["bundle"]))
+    assert bundle.manifest.model["config"]["item_head_candidates"] == choice["chosen"]
+    assert summary["export_check"]["served_top10_equal"] == summary["export_check"]["users_checked"] > 0
