@@ -42,6 +42,19 @@ def slot_grid(trie_codes: torch.Tensor, node: torch.Tensor, grid: int) -> torch.
     return flat.reshape(-1, k, grid)
 
 
+def renormalize_over_children(log_probs: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_probs (B, k, V) and their slot grid (B, k, G >= V + 1, slot_grid) -> (log-probabilities
+    renormalized over each node's valid children on the grid, code c in column c + 1; the additive
+    mask, 0 on valid children and NEG elsewhere), both (B, k, G)."""
+    padded = nn.functional.pad(log_probs, (1, slots.shape[-1] - log_probs.shape[-1] - 1), value=NEG)  # sink, spare: NEG
+    # An additive mask, not Where: onnxruntime's Where branches per element, and a pattern of valid
+    # children it cannot predict (the dense nodes of a 10M-item catalog) made each one 5x slower.
+    invalid = (slots < 0).to(log_probs.dtype) * NEG
+    # log_softmax over the masked row is the renormalization (x - logsumexp of the valid x) in one
+    # vectorized kernel; onnxruntime's ReduceLogSumExp took 11% of a batch-64 search.
+    return (padded + invalid).log_softmax(-1), invalid
+
+
 def constrained_step(
     log_probs: torch.Tensor,  # (B, k, V) log-probabilities of this level's code, per live beam
     scores: torch.Tensor,  # (B, k) sum of log-probs so far; <= NEG / 2 marks a dead beam
@@ -67,14 +80,8 @@ def constrained_step(
     _, k, v = log_probs.shape
     grid = max(v + 1, beam)  # >= beam columns, so top-k always has room even at the root
     slots = slot_grid(trie_codes, node, grid)  # (B, k, grid)
-    padded = nn.functional.pad(log_probs, (1, grid - v - 1), value=NEG)  # sink and spare columns score NEG
-    # An additive mask (0 on valid children, NEG elsewhere), not Where: onnxruntime's Where branches
-    # per element, and a pattern of valid children it cannot predict (the dense nodes of a 10M-item
-    # catalog) made each one 5x slower.
-    invalid = (slots < 0).to(log_probs.dtype) * NEG
-    # log_softmax over the masked row is the renormalization (x - logsumexp of the valid x) in one
-    # vectorized kernel; onnxruntime's ReduceLogSumExp took 11% of a batch-64 search.
-    candidate = scores[..., None] + (padded + invalid).log_softmax(-1) + invalid
+    renormalized, invalid = renormalize_over_children(log_probs, slots)
+    candidate = scores[..., None] + renormalized + invalid
     scores, chosen = candidate.reshape(-1, k * grid).topk(beam, dim=1)  # (B, beam)
     scores = scores.clamp(min=NEG)  # dead beams score exactly NEG, whatever the masks added
     parent = torch.div(chosen, grid, rounding_mode="floor")
@@ -154,7 +161,8 @@ class ConstrainedBeamSearch(nn.Module):
         memory = model.encode(*history)
         # Per layer, keys transposed to (B, h, hd, H) and values (B, h, H, hd): once per request,
         # shared by its beams.
-        cross_kv = [(key.transpose(-1, -2), value) for key, value in model.cross_keys_values(memory)]
+        memory_kv = model.cross_keys_values(memory)
+        cross_kv = [(key.transpose(-1, -2), value) for key, value in memory_kv]
         cross_bias = torch.zeros(history_mask.shape, device=memory.device).masked_fill(~history_mask, NEG)
         cross_bias = cross_bias[:, None, None, :]  # (B, 1, 1, H)
 
@@ -180,21 +188,23 @@ class ConstrainedBeamSearch(nn.Module):
         if self.use_item_head:
             head = model.item_log_probs(memory[:, -1])  # (B, N)
             if model_candidates(model) > 0:
-                items, scores = self.add_item_head_candidates(items, scores, head, memory, history_mask, trie_codes,
-                                                              trie_offsets, leaf_items)
+                items, scores = self.add_item_head_candidates(items, scores, head, memory, memory_kv, cross_bias,
+                                                              trie_codes, trie_offsets, leaf_items)
             items, scores = rerank_with_item_head(model, memory[:, -1], items, scores, head)
             items, scores = items[:, :beam], scores[:, :beam]
         return items, scores
 
     def add_item_head_candidates(
-        self, items: torch.Tensor, scores: torch.Tensor, head: torch.Tensor, memory: torch.Tensor, history_mask: torch.Tensor,
+        self, items: torch.Tensor, scores: torch.Tensor, head: torch.Tensor, memory: torch.Tensor,
+        memory_kv: list[KV], cross_bias: torch.Tensor,
         trie_codes: list[torch.Tensor], trie_offsets: list[torch.Tensor], leaf_items: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """items/scores (B, k) from the beam, head (B, N) the item head's log-probabilities ->
-        (B, k + c): plus the head's best c trained items
-        among the trie's leaves (the live catalog, any restriction applied) that the beam did not
-        find, each with its codes' log-probability from one teacher-forced decoder pass, renormalized
-        over the trie's valid children level by level exactly as constrained_step scores a beam."""
+        """items/scores (B, k) from the beam, head (B, N) the item head's log-probabilities, memory_kv
+        and cross_bias the search's cross-attention keys/values (as cross_keys_values returns them) and
+        mask -> (B, k + c): plus the head's best c trained items among the trie's leaves (the live
+        catalog, any restriction applied) that the beam did not find, each with its codes'
+        log-probability from one teacher-forced decoder pass, renormalized over the trie's valid
+        children level by level exactly as constrained_step scores a beam."""
         model, c = self.model, model_candidates(self.model)
         b, n = items.shape[0], model.cfg.item_count
         # Items the trie holds (column n collects new items and padding), minus the beam's own.
@@ -206,10 +216,8 @@ class ConstrainedBeamSearch(nn.Module):
         head_scores, extra = (head + (~open_rows).to(head.dtype) * NEG).topk(min(c, n), dim=1)  # (B, c)
         c = extra.shape[1]
         codes = model.item_codes[extra.reshape(-1)]  # (B * c, L)
-        cross_kv = model.cross_keys_values(memory)
-        cross_bias = torch.zeros(history_mask.shape, device=memory.device).masked_fill(~history_mask, NEG)[:, None, None, :]
         newest = memory[:, -1, None].expand(-1, c, -1).reshape(b * c, -1)
-        hidden = model.decode(codes[:, :-1], newest, cross_kv, cross_bias, groups=c)  # (B * c, L, D)
+        hidden = model.decode(codes[:, :-1], newest, memory_kv, cross_bias, groups=c)  # (B * c, L, D)
         node = torch.zeros(b, c, dtype=torch.long, device=memory.device)
         code_scores = torch.zeros(b, c, device=memory.device)
         for step in range(model.cfg.levels):
@@ -217,10 +225,8 @@ class ConstrainedBeamSearch(nn.Module):
             if step == model.cfg.levels - 1:
                 log_probs = self.new_items_as_average_siblings(log_probs, node, trie_codes[step], trie_offsets[step],
                                                                leaf_items)
-            v = log_probs.shape[-1]
-            slots = slot_grid(trie_codes[step], node, v + 1)  # (B, c, V + 1)
-            invalid = (slots < 0).to(log_probs.dtype) * NEG
-            renormalized = (nn.functional.pad(log_probs, (1, 0), value=NEG) + invalid).log_softmax(-1)
+            slots = slot_grid(trie_codes[step], node, log_probs.shape[-1] + 1)  # (B, c, V + 1)
+            renormalized, _ = renormalize_over_children(log_probs, slots)
             column = codes[:, step].reshape(b, c, 1) + 1
             code_scores = code_scores + renormalized.gather(2, column)[..., 0]
             node = trie_offsets[step][node].long() + slots.gather(2, column)[..., 0].clamp(min=0)

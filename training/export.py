@@ -140,9 +140,10 @@ def write_bundle(
     return bundle_dir
 
 
-def load_recommender(bundle_dir: Path) -> torch.nn.Module:
-    """The torch model a bundle was exported from (its manifest names the model kind)."""
-    manifest = load_bundle(bundle_dir, verify_checksums=False).manifest
+def load_recommender(bundle_dir: Path, manifest: Manifest | None = None) -> torch.nn.Module:
+    """The torch model a bundle was exported from (its manifest, or the one given, names the model kind
+    and its config)."""
+    manifest = manifest or load_bundle(bundle_dir, verify_checksums=False).manifest
     kind = model_kind(manifest.model["kind"])
     model = kind.module(kind.config(**manifest.model["config"]))
     model.load_state_dict(load_torch_file(str(Path(bundle_dir) / "recommender.safetensors")))
@@ -163,8 +164,7 @@ def reexport_graphs(bundle_dir: Path, item_head_candidates: int | None = None) -
         if not config.get("item_head") or item_head_candidates < 0:
             raise ValueError("item_head_candidates needs a model with an item head and a count >= 0")
         manifest = replace(manifest, model={**manifest.model, "config": {**config, "item_head_candidates": item_head_candidates}})
-        manifest.write(bundle_dir)  # load_recommender reads the setting from the manifest
-    model = load_recommender(bundle_dir)
+    model = load_recommender(bundle_dir, manifest)  # the manifest is written once, after the graphs
     model_kind(manifest.model["kind"]).export_graphs(model, bundle.semantic_ids.astype(np.int64),
                                                      bundle.beam_size, bundle_dir)
     replace(manifest, files=file_digests(bundle_dir, manifest.files)).write(bundle_dir)
