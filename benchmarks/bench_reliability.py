@@ -164,15 +164,21 @@ def overload_row(policy: str, result: loadgen.LoadResult, stages: dict) -> dict:
 
 def overload(bundle_dir: Path, redis: Redis, work: Path, user_ids: list[str], peak_rps: float, seconds: float) -> list[dict]:
     rows = []
-    for policy, budget in (("old: queue bound only", "0"), (f"new: admission, {BUDGET_MS:g} ms budget", str(BUDGET_MS))):
-        svc = start_service(bundle_dir, redis.url, work, GENREC_LATENCY_BUDGET_MS=budget)
+    policies = (("old: queue bound only", {"GENREC_LATENCY_BUDGET_MS": "0"}),
+                (f"admission, {BUDGET_MS:g} ms budget, batches of max_batch_size",
+                 {"GENREC_LATENCY_BUDGET_MS": str(BUDGET_MS), "GENREC_ADAPTIVE_BATCH_SIZE": "false"}),
+                (f"new: admission, {BUDGET_MS:g} ms budget, batch size fitted to it",
+                 {"GENREC_LATENCY_BUDGET_MS": str(BUDGET_MS)}))
+    for policy, env in policies:
+        svc = start_service(bundle_dir, redis.url, work, **env)
         try:
             make = request_factory(svc.port, user_ids, seed=1)
             loadgen.run(loadgen.open_loop(HOST, svc.port, make, peak_rps * 0.5, 1.0, seed=2))  # warm
             before = svc.metrics()
             result = loadgen.run(loadgen.open_loop(HOST, svc.port, make, 2 * peak_rps, seconds, seed=3))
-            stages = breakdown(before, svc.metrics(), result.summary()["mean_ms"])
-            rows.append(overload_row(policy, result, stages))
+            after = svc.metrics()
+            stages = breakdown(before, after, result.summary()["mean_ms"])
+            rows.append(overload_row(policy, result, stages) | {"batch_cap_at_end": after.get("genrec_batch_cap")})
         finally:
             svc.stop()
     table(f"overload: open loop at 2x peak ({2 * peak_rps:.0f} req/s) for {seconds:g} s, same load, one run",
@@ -510,8 +516,10 @@ def main() -> None:
             svc.stop()
         log(f"peak (closed loop, 32 clients): {out['peak_rps']} req/s")
         if "overload" in scenarios:
-            old, new = overload(bundle_dir, redis, work, user_ids, out["peak_rps"], args.seconds)
-            out |= {"overload_accepted_p99_ms": new["accepted_p99_ms"],
+            old, fixed_batch, new = overload(bundle_dir, redis, work, user_ids, out["peak_rps"], args.seconds)
+            out |= {"overload_fixed_batch_accepted_p99_ms": fixed_batch["accepted_p99_ms"],
+                    "overload_fixed_batch_rejected_share": fixed_batch["rejected_429_share"],
+                    "overload_fixed_batch_goodput_rps": fixed_batch["goodput_rps"],"overload_accepted_p99_ms": new["accepted_p99_ms"],
                     "overload_rejected_share": new["rejected_429_share"],
                     "overload_goodput_rps": new["goodput_rps"],
                     "overload_old_accepted_p99_ms": old["accepted_p99_ms"],

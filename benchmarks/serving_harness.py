@@ -125,7 +125,8 @@ class Service:
                     if labels.get("endpoint") == "/recommend":
                         out[f"{sample.name.rsplit('_', 1)[1]}:request"] = sample.value
                 elif sample.name in ("genrec_batch_size_sum", "genrec_batch_size_count", "genrec_queue_wait_seconds_sum",
-                                     "genrec_engine_compute_seconds_sum", "genrec_engine_compute_seconds_count"):
+                                     "genrec_engine_compute_seconds_sum", "genrec_engine_compute_seconds_count",
+                                     "genrec_batch_cap"):
                     out[sample.name] = sample.value
                 elif sample.name == "genrec_rejections_total":
                     out["rejections"] = out.get("rejections", 0.0) + sample.value

@@ -160,7 +160,8 @@ async def open_bundle(settings: Settings, metrics: ServiceMetrics, bundle_dir: P
     catalog = Catalog(bundle, engine, build_catalog_store(settings, bundle), poll_s=settings.catalog_poll_s)
     await catalog.start()
     admission = AdmissionController(settings.latency_budget_ms / 1000.0, settings.max_batch_size,
-                                    settings.engine_workers, max_wait_s=settings.max_wait_ms / 1000.0)
+                                    settings.engine_workers, max_wait_s=settings.max_wait_ms / 1000.0,
+                                    adapt_batch_size=settings.adaptive_batch_size)
     batcher = MicroBatcher(
         engine,
         max_batch_size=settings.max_batch_size,

@@ -220,6 +220,13 @@ class MicroBatcher:
             self._coming -= 1
 
     @property
+    def batch_cap(self) -> int:
+        """Where a batch closes now: the admission's cap, which fits batches to the latency budget."""
+        if self.admission is not None and self.admission.enabled:
+            return min(self.admission.batch_cap, self.max_batch_size)
+        return self.max_batch_size
+
+    @property
     def queue_size(self) -> int:
         return self._queue.qsize()
 
@@ -230,6 +237,8 @@ class MicroBatcher:
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
+        if self._metrics is not None:
+            self._metrics.batch_cap.set(self.batch_cap)
         self._accepting = True
 
     async def submit(self, history: np.ndarray, deadline: float, restriction: Restriction | None = None) -> SearchResult:
@@ -313,8 +322,9 @@ class MicroBatcher:
         requests = [first]
         # The window starts when the first request arrived, not when a worker got free.
         close_at = first.enqueued_at + self.max_wait_s
+        limit = self.batch_cap
         try:
-            while len(requests) < self.max_batch_size:
+            while len(requests) < limit:
                 try:
                     requests.append(self._queue.get_nowait())
                     continue
@@ -371,7 +381,9 @@ class MicroBatcher:
             raise
         batch_s = loop.time() - started_at
         if self.admission is not None:
-            self.admission.observe_batch(batch_s)
+            self.admission.observe_batch(batch_s, len(batch))
+            if self._metrics is not None:
+                self._metrics.batch_cap.set(self.batch_cap)
         batch.complete(item_indices, scores, started_at, batch_s)
 
     def _search(self, histories: list[np.ndarray], restrictions: list[Restriction | None]) -> tuple[np.ndarray, np.ndarray]:

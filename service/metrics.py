@@ -47,6 +47,8 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.queue_size = Gauge("genrec_queue_size", "Requests waiting for the engine", registry=r)
+        self.batch_cap = Gauge("genrec_batch_cap", "Requests a micro-batch closes at now (fitted to the latency budget)",
+                               registry=r)
         self.rejections = Counter(
             "genrec_rejections_total", "Requests refused before the engine answered", ["reason"], registry=r
         )

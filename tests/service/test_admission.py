@@ -146,3 +146,60 @@ def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir
         # the rest of the computing round (up to 2 s) and its own batch (2 s)
         assert response.status_code == 429 and int(response.headers["retry-after"]) >= 3
         assert "latency budget of 50 ms" in response.json()["detail"]
+
+
+def test_full_batches_slower_than_the_target_lower_the_batch_cap_and_fast_ones_raise_it() -> None:
+    admission = controller(budget_s=0.05, batch_size=8, batch_s=None, max_wait_s=0.0)
+    assert admission.batch_target_s == pytest.approx(0.02)  # 40% of 50 ms: the batch in flight, its own, a margin
+    for _ in range(3):
+        admission.observe_batch(0.03, size=8)  # full batches over the 20 ms target
+    assert admission.batch_cap == 7
+    for _ in range(2):
+        admission.observe_batch(0.03, size=7)
+    assert admission.batch_cap == 7  # a decision waits for 3 full batches at the new cap
+    for _ in range(4):  # the third at 7, then three at 6
+        admission.observe_batch(0.03, size=admission.batch_cap)
+    assert admission.batch_cap == 5
+    for _ in range(20):
+        admission.observe_batch(0.005, size=3)  # partial batches say nothing about a full one
+    assert admission.batch_cap == 5
+    for _ in range(3):
+        admission.observe_batch(0.012, size=5)  # 12 ms x 6/5 = 14.4 ms still fits 20 ms: one more
+    assert admission.batch_cap == 6
+    for _ in range(3):
+        admission.observe_batch(0.018, size=6)  # 18 ms x 7/6 = 21 ms would not fit: stays
+    assert admission.batch_cap == 6
+    # The expected latency counts batches of the cap, not of max_batch_size.
+    assert admission.expected_s(12, 2) == pytest.approx(3 * admission.batch_s)
+
+
+def test_the_batch_cap_stays_at_max_batch_size_when_adapting_is_off_or_there_is_no_budget() -> None:
+    for admission in (AdmissionController(0.05, 8, 2, adapt_batch_size=False), AdmissionController(0.0, 8, 2)):
+        for _ in range(10):
+            admission.observe_batch(1.0, size=8)
+        assert admission.batch_cap == 8
+
+
+def test_the_batcher_closes_batches_at_the_admission_cap() -> None:
+    async def main() -> None:
+        engine = FakeEngine()
+        admission = AdmissionController(10.0, 8, 1)
+        admission.batch_cap = 3
+        metrics = ServiceMetrics()
+        batcher = MicroBatcher(engine, max_batch_size=8, max_wait_ms=5_000, max_queue_size=64, engine_workers=1,
+                               admission=admission, metrics=metrics)
+        engine.release.clear()  # the first batch holds the only worker while the rest queue
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(batcher.submit(np.array([0]), loop.time() + 10))
+        await asyncio.to_thread(engine.entered.wait, 10)
+        rest = [asyncio.create_task(batcher.submit(np.array([i]), loop.time() + 10)) for i in range(1, 7)]
+        await asyncio.sleep(0.05)
+        engine.release.set()
+        results = await asyncio.gather(first, *rest)
+        assert [r.item_indices[0] for r in results] == [i * 100 for i in range(7)]
+        assert engine.batch_sizes == [1, 3, 3]
+        assert metrics.registry.get_sample_value("genrec_batch_cap") == 3
+        await batcher.close(1.0)
+
+    asyncio.run(main())
