@@ -44,12 +44,17 @@ class JointConfig:
     psa_max_pairs: int = 2048
     # genrec's variant: > 0 adds CodeAnchor in tokenizer epochs (keep items on their starting codes).
     code_anchor_weight: float = 0.0
+    # genrec's variant: > 0 makes the refresh after a tokenizer epoch sticky: an item keeps its code at a
+    # level unless the nearest code is closer by more than this relative margin (squared distances).
+    refresh_keep_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown joint schedule {self.schedule!r}; known: {list(SCHEDULES)}")
         if self.cycle < 2 or self.warmup_epochs < 0 or self.alternating_epochs < 0:
             raise ValueError("joint: cycle must be >= 2, warmup_epochs and alternating_epochs >= 0")
+        if self.refresh_keep_margin < 0:
+            raise ValueError("joint: refresh_keep_margin must be >= 0")
 
     @classmethod
     def from_value(cls, value: JointConfig | dict | None) -> JointConfig | None:

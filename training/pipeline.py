@@ -174,6 +174,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     if joint is not None and joint.trains_tokenizer:
         tokenizer = trainable_tokenizer(tokenizer)
         trainable = tokenizer.trainable(views)
+        trainable.keep_margin = joint.refresh_keep_margin
         joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
                         "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1],
                                                      raw_codes)}

@@ -95,7 +95,7 @@ class RecommenderTask:
     def after_epoch(self, epoch: int, phase: Phase) -> dict[str, Any] | None:
         if self.tokenizer is None or "tokenizer" not in phase.train:
             return None
-        raw = self.tokenizer.encode_catalog() if self._rank == 0 else None
+        raw = self.tokenizer.encode_catalog(previous=self.codes.semantic_ids[:, :-1]) if self._rank == 0 else None
         return self.refresh_codes(broadcast_from_rank0(raw, self._world), epoch)
 
     def refresh_codes(self, raw: np.ndarray, epoch: int) -> dict[str, Any]:

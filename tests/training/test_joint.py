@@ -205,3 +205,27 @@ def test_a_jointly_trained_bundle_keeps_the_trained_codes_and_tokenizer(tmp_path
     collaborative = collaborative_embeddings(load_dataset(str(data_dir)), cfg.collaborative_seed, progress=False)
     np.testing.assert_array_equal(tokenizer.encode(ItemViews(collaborative=collaborative)), bundle.semantic_ids[:, :-1])
     assert bundle.manifest.metrics["test_unconstrained"] == summary["test_unconstrained"]
+
+
+def test_a_sticky_refresh_keeps_codes_that_are_nearly_as_close_and_moves_the_rest(fitted) -> None:
+    tokenizer, views = fitted
+    trainable = copy.deepcopy(tokenizer).trainable(views)
+    before = trainable.encode_catalog()
+    with torch.no_grad():  # training moves the codebooks a little
+        trainable.module.model.codebooks.add_(0.3 * torch.randn_like(trainable.module.model.codebooks,
+                                                                      generator=torch.Generator().manual_seed(0)))
+    fresh = trainable.encode_catalog()
+    trainable.keep_margin = 0.5
+    sticky = trainable.encode_catalog(previous=before)
+    moved_fresh, moved_sticky = (fresh != before).any(1), (sticky != before).any(1)
+    assert moved_sticky.sum() < moved_fresh.sum() and moved_fresh.any()
+    # Every kept code is within the margin, every moved one is the nearest (checked at the first level).
+    z = trainable.module.model.encoder(trainable.module.inputs).detach()
+    d2 = sq_distances(z, trainable.module.model.codebooks[0].detach())
+    rows = torch.arange(len(d2))
+    kept = torch.as_tensor(sticky[:, 0] == before[:, 0])
+    nearest = d2.min(1).values
+    assert bool((d2[rows, torch.as_tensor(sticky[:, 0])][kept] <= 1.5 * nearest[kept] + 1e-6).all())
+    assert bool((d2[rows, torch.as_tensor(sticky[:, 0])][~kept] <= nearest[~kept] + 1e-6).all())
+    trainable.keep_margin = 0.0  # no margin: the same codes as a fresh encode
+    np.testing.assert_array_equal(trainable.encode_catalog(previous=before), fresh)

@@ -87,7 +87,9 @@ class TrainableTokenizer(Protocol):
     # residual path of the latent's own codes); reconstruct(latents) -> (M, D_in) through the
     # quantizer; loss(items) -> the tokenizer's own loss on those items.
 
-    def encode_catalog(self) -> np.ndarray:  # (N, levels) int64 raw codes of every item, current weights
+    def encode_catalog(self, previous: np.ndarray | None = None) -> np.ndarray:
+        """(N, levels) int64 raw codes of every item with the current weights; `previous`: the codes
+        they replace, which a tokenizer may keep where the new ones are barely closer."""
         ...
 
 

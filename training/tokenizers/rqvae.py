@@ -390,15 +390,35 @@ class CatalogRQVAE(nn.Module):
 
 
 class TrainableRQVAE:
-    def __init__(self, module: CatalogRQVAE) -> None:
+    def __init__(self, module: CatalogRQVAE, keep_margin: float = 0.0) -> None:
         self.module = module
+        # > 0: re-encoding keeps an item's previous code at a level unless its squared distance to that
+        # code is more than (1 + keep_margin) x the distance to the nearest one (fewer items recoded).
+        self.keep_margin = keep_margin
 
     @torch.no_grad()
-    def encode_catalog(self, chunk: int = 8192) -> np.ndarray:
+    def encode_catalog(self, previous: np.ndarray | None = None, chunk: int = 8192) -> np.ndarray:
+        """(N, levels) raw codes of every item; with `previous` (N, levels) and a keep margin, sticky."""
         was_training = self.module.training
         self.module.eval()
         inputs = self.module.inputs
-        codes = [self.module.model.quantize(self.module.model.encoder(inputs[i : i + chunk]))[1]
-                 for i in range(0, len(inputs), chunk)]
+        codes = []
+        for i in range(0, len(inputs), chunk):
+            assign = None
+            if previous is not None and self.keep_margin > 0:
+                assign = sticky_assign(torch.as_tensor(previous[i : i + chunk], device=inputs.device), self.keep_margin)
+            codes.append(self.module.model.quantize(self.module.model.encoder(inputs[i : i + chunk]), assign)[1])
         self.module.train(was_training)
         return torch.cat(codes).cpu().numpy().astype(np.int64)
+
+
+def sticky_assign(previous: torch.Tensor, margin: float) -> Assign:
+    """An assignment that keeps each row's previous code at a level while it is within (1 + margin) x
+    the nearest code's squared distance: a code moves only when another is clearly closer."""
+    def assign(level: int, d2: torch.Tensor) -> torch.Tensor:
+        nearest = d2.argmin(1)
+        kept = previous[:, level]
+        rows = torch.arange(len(d2), device=d2.device)
+        keep = d2[rows, kept] <= (1.0 + margin) * d2[rows, nearest]
+        return torch.where(keep, kept, nearest)
+    return assign
