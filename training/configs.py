@@ -111,7 +111,8 @@ CONFIGS: dict[str, PipelineConfig] = dict([
     # tokenizer epoch within a fixed collision capacity. `--set joint.schedule=frozen` is the control.
     _named("scientific-etegrec", "scientific", tokenizer="rqvae", item_features="collaborative", collision_capacity=16,
            joint=JointConfig(), evaluate_unconstrained=True, train=TrainConfig(max_train_seconds=1500, eval_users=2000)),
-    _named("beauty-etegrec", "beauty", tokenizer="rqvae", item_features="collaborative", collision_capacity=16,
+    # Beauty's pre-trained RQ-VAE puts up to 33 items on one code tuple: a capacity of 64 leaves room for refreshes.
+    _named("beauty-etegrec", "beauty", tokenizer="rqvae", item_features="collaborative", collision_capacity=64,
            joint=JointConfig(), evaluate_unconstrained=True, train=TrainConfig(max_train_seconds=5400)),
     # Genrec's variant: joint training started from the residual k-means codes of SASRec's table (an
     # identity-initialised linear RQ-VAE), so it starts where the frozen collaborative pipeline ends.
