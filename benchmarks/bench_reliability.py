@@ -178,7 +178,11 @@ def overload(bundle_dir: Path, redis: Redis, work: Path, user_ids: list[str], pe
             result = loadgen.run(loadgen.open_loop(HOST, svc.port, make, 2 * peak_rps, seconds, seed=3))
             after = svc.metrics()
             stages = breakdown(before, after, result.summary()["mean_ms"])
-            rows.append(overload_row(policy, result, stages) | {"batch_cap_at_end": after.get("genrec_batch_cap")})
+            lag_probes = after.get("genrec_event_loop_lag_seconds_count", 0) - before.get("genrec_event_loop_lag_seconds_count", 0)
+            lag_s = after.get("genrec_event_loop_lag_seconds_sum", 0) - before.get("genrec_event_loop_lag_seconds_sum", 0)
+            rows.append(overload_row(policy, result, stages) | {
+                "batch_cap_at_end": after.get("genrec_batch_cap"),
+                "loop_lag_ms": _round(1e3 * lag_s / lag_probes) if lag_probes else None})
         finally:
             svc.stop()
     table(f"overload: open loop at 2x peak ({2 * peak_rps:.0f} req/s) for {seconds:g} s, same load, one run",

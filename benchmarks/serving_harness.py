@@ -126,7 +126,8 @@ class Service:
                         out[f"{sample.name.rsplit('_', 1)[1]}:request"] = sample.value
                 elif sample.name in ("genrec_batch_size_sum", "genrec_batch_size_count", "genrec_queue_wait_seconds_sum",
                                      "genrec_engine_compute_seconds_sum", "genrec_engine_compute_seconds_count",
-                                     "genrec_batch_cap"):
+                                     "genrec_batch_cap", "genrec_event_loop_lag_seconds_sum",
+                                     "genrec_event_loop_lag_seconds_count"):
                     out[sample.name] = sample.value
                 elif sample.name == "genrec_rejections_total":
                     out["rejections"] = out.get("rejections", 0.0) + sample.value

@@ -6,11 +6,11 @@ admitted only if the time it is expected to take from joining the queue to its a
 budget. The expected time comes from what the batcher measures, not from a guess:
 
     batch_s  = EWMA of the wall time of an engine call (dispatch to result), per batch
-    own      = queued // max_batch_size: its batch among the queued ones
-    start    = 0 when a free worker takes its batch; else the time until the first computing batch
-               ends (batch_s less how long it has run), plus one batch_s per round of
-               `engine_workers` batches queued ahead of it
-    expected = start + batch_s
+    own      = queued // batch_cap: its batch among the queued ones
+    start    = when a worker takes its batch: the queued batches go, in order, to whichever worker
+               frees first; a free worker is free now, a computing one when its batch ends (batch_s
+               less how long it has run), and every batch keeps its worker batch_s
+    expected = start + batch_s (+ the batching window when a free worker takes it at once)
 
 The estimate uses full-batch times under load (where it matters, batches are full) and is pure
 arithmetic on numbers the batcher hands in, so tests drive it without a clock.
@@ -23,12 +23,28 @@ budget after the batching window: two batch times and a fifth for the time aroun
 it by one; full batches fast enough that one more request would still fit raise it again (the
 estimate scales the time with the size, an overestimate since a batch's fixed cost does not grow).
 Smaller batches serve fewer requests a second, so more are refused at 429: the trade the budget asks for.
+
+Calibration: under overload admission keeps the queue at the edge of the budget, so admitted requests'
+expected times sit just under it and the estimate's errors (a slower batch, a worker preempted) put a
+good share of them over. The controller therefore admits below a threshold it tunes from the answers
+themselves: each admitted request whose time from joining the queue to its answer passes 60% of the
+budget (the rest is for the time before the queue, which the batcher cannot time) lowers the threshold by 1% of the budget, each on time raises it by 1/99 of that, so it
+settles where about 1 in 100 is late (a quantile tracker), never above the budget nor below a fifth of it.
 """
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+# Admission's own check: of the requests it admits, at most this share may take longer from joining
+# the queue to their answer than QUEUE_SHARE_OF_BUDGET x the budget. The rest of the budget is for what
+# the batcher cannot time: reading the history, HTTP parsing, the socket, a busy CPU before the route runs.
+LATE_SHARE = 0.01
+QUEUE_SHARE_OF_BUDGET = 0.6
+THRESHOLD_STEP = 0.01  # of the budget: how far one late answer lowers the admission threshold
+MIN_THRESHOLD_SHARE = 0.2
 BATCH_SHARE_OF_BUDGET = 0.4  # of the budget after the batching window: the batch in flight, its own, and a margin
 FULL_BATCHES_PER_DECISION = 3  # full batches measured at a cap before it moves again
 
@@ -54,6 +70,7 @@ class AdmissionController:
         self.batch_s: float | None = None  # None until the first batch is measured: admit everything
         self.adapt_batch_size = adapt_batch_size
         self.batch_cap = max_batch_size  # the batcher closes a batch at this many requests
+        self.threshold_s = budget_s  # admit while the expected time is within it (observe_answer tunes it)
         self._full_batch_s: float | None = None  # EWMA of full batches at the current cap
         self._full_batches = 0
 
@@ -75,6 +92,16 @@ class AdmissionController:
         if size is not None and size >= self.batch_cap and self.enabled and self.adapt_batch_size:
             self._observe_full_batch(seconds)
 
+    def observe_answer(self, seconds: float) -> None:
+        """An admitted request's time from joining the queue to its answer."""
+        if not self.enabled:
+            return
+        step = THRESHOLD_STEP * self.budget_s
+        if seconds > QUEUE_SHARE_OF_BUDGET * self.budget_s:
+            self.threshold_s = max(self.threshold_s - step, MIN_THRESHOLD_SHARE * self.budget_s)
+        else:
+            self.threshold_s = min(self.threshold_s + step * LATE_SHARE / (1.0 - LATE_SHARE), self.budget_s)
+
     def _observe_full_batch(self, seconds: float) -> None:
         if self._full_batch_s is None:
             self._full_batch_s = seconds
@@ -94,29 +121,31 @@ class AdmissionController:
         self._full_batch_s = None
         self._full_batches = 0
 
-    def expected_s(self, queued: int, busy_workers: int, longest_running_s: float = 0.0) -> float:
+    def expected_s(self, queued: int, running_s: Sequence[float] = ()) -> float:
         """Expected time until a request joining now is answered: `queued` requests are ahead of it
-        in the queue, `busy_workers` engine workers are computing, the one computing longest has
-        run `longest_running_s` (0: count a whole batch for it)."""
+        in the queue and `running_s` holds how long each computing batch has run."""
         if self.batch_s is None:
             return 0.0
         own_batch = queued // self.batch_cap
-        free_workers = max(self.engine_workers - busy_workers, 0)
+        free_workers = max(self.engine_workers - len(running_s), 0)
         if own_batch < free_workers:
             return self.max_wait_s + self.batch_s  # a free worker takes it, after the batching window
-        first_free_s = max(self.batch_s - longest_running_s, 0.0)
-        rounds_queued_ahead = (own_batch - free_workers) // self.engine_workers
-        return first_free_s + rounds_queued_ahead * self.batch_s + self.batch_s
+        # When each worker is next free; the queued batches take them in turn, earliest first.
+        free_at = [0.0] * free_workers + [max(self.batch_s - ran, 0.0) for ran in running_s]
+        heapq.heapify(free_at)
+        for _ in range(own_batch):
+            heapq.heapreplace(free_at, free_at[0] + self.batch_s)
+        return free_at[0] + self.batch_s
 
-    def decide(self, queued: int, busy_workers: int, longest_running_s: float = 0.0) -> AdmissionDecision:
+    def decide(self, queued: int, running_s: Sequence[float] = ()) -> AdmissionDecision:
         """Time spent before the queue (reading the history) is not counted: a request slowed by a
         hanging store is still served, degraded, if the engine has room for it. A request that a free
         worker takes at once is always admitted: refusing it would make no one faster, and on a
         machine where one batch takes longer than the budget it keeps the service answering (and
         measuring: with nothing admitted the batch time would never be measured again)."""
-        expected = self.expected_s(queued, busy_workers, longest_running_s)
-        starts_at_once = queued // self.batch_cap < self.engine_workers - busy_workers
-        if not self.enabled or starts_at_once or expected <= self.budget_s:
+        expected = self.expected_s(queued, running_s)
+        starts_at_once = queued // self.batch_cap < self.engine_workers - len(running_s)
+        if not self.enabled or starts_at_once or expected <= self.threshold_s:
             return AdmissionDecision(True, expected, 0)
         # When the queue ahead of it will have drained; whole seconds for Retry-After, at least 1.
         return AdmissionDecision(False, expected, max(1, math.ceil(expected)))

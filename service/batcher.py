@@ -30,6 +30,8 @@ from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
 
+LOOP_LAG_INTERVAL_S = 0.01  # the event-loop lag probe's timer
+
 
 class BatcherError(Exception):
     """A request the batcher could not serve; the route maps each kind to a status."""
@@ -205,6 +207,7 @@ class MicroBatcher:
         self._running: set[asyncio.Task[None]] = set()
         self._started_at: dict[asyncio.Task[None], float] = {}  # running batch -> event-loop time it started
         self._worker: asyncio.Task[None] | None = None
+        self._lag_watch: asyncio.Task[None] | None = None
         self._accepting = False
         self.close_when_none_coming = close_when_none_coming
         self._coming = 0  # requests admitted by the route that have not reached submit yet
@@ -237,6 +240,8 @@ class MicroBatcher:
     async def start(self) -> None:
         if self._worker is None:
             self._worker = asyncio.create_task(self._run(), name="genrec-batcher")
+        if self._lag_watch is None and self._metrics is not None:
+            self._lag_watch = asyncio.create_task(self._watch_loop_lag(), name="genrec-loop-lag")
         if self._metrics is not None:
             self._metrics.batch_cap.set(self.batch_cap)
         self._accepting = True
@@ -274,8 +279,7 @@ class MicroBatcher:
         if self.admission is None or not self.admission.enabled:
             return
         now = asyncio.get_running_loop().time()
-        longest_running_s = now - min(self._started_at.values()) if self._started_at else 0.0
-        decision = self.admission.decide(self._queue.qsize(), len(self._running), longest_running_s)
+        decision = self.admission.decide(self._queue.qsize(), [now - started for started in self._started_at.values()])
         if not decision.admitted:
             self._reject("over_budget")
             raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
@@ -283,6 +287,11 @@ class MicroBatcher:
     async def close(self, timeout_s: float) -> None:
         """Stop accepting, finish what is queued within timeout_s, fail the rest with BatcherClosed."""
         self._accepting = False
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lag_watch
+            self._lag_watch = None
         if self._worker is not None:
             try:
                 async with asyncio.timeout(timeout_s):
@@ -302,6 +311,15 @@ class MicroBatcher:
                 request.future.set_exception(BatcherClosed())
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._observe_queue_size()
+
+    async def _watch_loop_lag(self, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        """How late the event loop runs a timer (genrec_event_loop_lag_seconds): the wait every request
+        has before its route runs and after its batch ends, which no stage's time shows."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time()
+            await asyncio.sleep(interval_s)
+            self._metrics.loop_lag.observe(max(loop.time() - asked - interval_s, 0.0))
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -382,8 +400,11 @@ class MicroBatcher:
         batch_s = loop.time() - started_at
         if self.admission is not None:
             self.admission.observe_batch(batch_s, len(batch))
+            for request in batch:
+                self.admission.observe_answer(started_at + batch_s - request.enqueued_at)
             if self._metrics is not None:
                 self._metrics.batch_cap.set(self.batch_cap)
+                self._metrics.admission_threshold.set(self.admission.threshold_s)
         batch.complete(item_indices, scores, started_at, batch_s)
 
     def _search(self, histories: list[np.ndarray], restrictions: list[Restriction | None]) -> tuple[np.ndarray, np.ndarray]:

@@ -47,6 +47,10 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.queue_size = Gauge("genrec_queue_size", "Requests waiting for the engine", registry=r)
+        self.loop_lag = Histogram("genrec_event_loop_lag_seconds", "How late the event loop runs a 10 ms timer",
+                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0), registry=r)
+        self.admission_threshold = Gauge("genrec_admission_threshold_seconds",
+                                         "Admission admits while the expected latency is within this", registry=r)
         self.batch_cap = Gauge("genrec_batch_cap", "Requests a micro-batch closes at now (fitted to the latency budget)",
                                registry=r)
         self.rejections = Counter(

@@ -42,28 +42,38 @@ def controller(budget_s: float = 0.05, batch_size: int = 8, workers: int = 2, ba
     ],
 )
 def test_expected_latency_counts_the_rounds_of_batches_ahead(queued: int, busy: int, rounds: int) -> None:
-    assert controller().expected_s(queued, busy) == pytest.approx(rounds * 0.01)
+    assert controller().expected_s(queued, [0.0] * busy) == pytest.approx(rounds * 0.01)
 
 
 def test_a_computing_batch_counts_only_its_remaining_time() -> None:
     admission = controller(batch_s=0.04)
-    assert admission.expected_s(0, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04)
-    assert admission.expected_s(16, 2, longest_running_s=0.03) == pytest.approx(0.01 + 0.04 + 0.04)
-    assert admission.expected_s(0, 2, longest_running_s=0.5) == pytest.approx(0.04)  # overdue: ends any moment
-    assert admission.expected_s(0, 1, longest_running_s=0.03) == pytest.approx(0.04)  # a free worker takes it
-    assert admission.decide(0, 2, longest_running_s=0.03).admitted  # 50 ms: within the budget
-    assert not admission.decide(0, 2, longest_running_s=0.0).admitted  # 80 ms
+    assert admission.expected_s(0, [0.03, 0.0]) == pytest.approx(0.01 + 0.04)  # the first worker to free takes it
+    assert admission.expected_s(0, [0.5, 0.5]) == pytest.approx(0.04)  # overdue: ends any moment
+    assert admission.expected_s(0, [0.03]) == pytest.approx(0.04)  # a free worker takes it
+    assert admission.decide(0, [0.03, 0.0]).admitted  # 50 ms: within the budget
+    assert not admission.decide(0, [0.0, 0.0]).admitted  # 80 ms
+
+
+def test_queued_batches_take_the_workers_in_the_order_they_free() -> None:
+    admission = controller(batch_s=0.04)
+    # The second queued batch waits for the second worker, which computes for 40 ms more, not 10.
+    assert admission.expected_s(8, [0.03, 0.0]) == pytest.approx(0.04 + 0.04)
+    assert not admission.decide(8, [0.03, 0.0]).admitted
+    # The third takes the first worker again after its next batch: 10 + 40 ms, then its own 40.
+    assert admission.expected_s(16, [0.03, 0.0]) == pytest.approx(0.01 + 0.04 + 0.04)
+    # With a free worker the first queued batch takes it; the second waits for the first busy one.
+    assert admission.expected_s(8, [0.03]) == pytest.approx(0.01 + 0.04)
 
 
 def test_a_batch_that_starts_at_once_adds_the_batching_window() -> None:
     admission = controller(max_wait_s=0.002)
-    assert admission.expected_s(0, 0) == pytest.approx(0.012)
-    assert admission.expected_s(0, 2) == pytest.approx(0.02)  # it waits for a worker, not for the window
+    assert admission.expected_s(0, []) == pytest.approx(0.012)
+    assert admission.expected_s(0, [0.0, 0.0]) == pytest.approx(0.02)  # it waits for a worker, not for the window
 
 
 def test_the_batch_time_is_an_ewma_and_nothing_is_refused_before_the_first_batch() -> None:
     admission = controller(batch_s=None)
-    assert admission.expected_s(10_000, 2) == 0.0 and admission.decide(10_000, 2).admitted
+    assert admission.expected_s(10_000, [0.0, 0.0]) == 0.0 and admission.decide(10_000, [0.0, 0.0]).admitted
     admission.observe_batch(0.010)
     admission.observe_batch(0.020)
     assert admission.batch_s == pytest.approx(0.010 + 0.2 * 0.010)
@@ -71,19 +81,19 @@ def test_the_batch_time_is_an_ewma_and_nothing_is_refused_before_the_first_batch
 
 def test_decide_compares_the_expected_latency_with_the_budget_and_says_when_to_retry() -> None:
     admission = controller(budget_s=0.05, batch_s=0.02)
-    assert admission.decide(0, 2).admitted  # 40 ms expected
-    late = admission.decide(16, 2)  # third batch round: 60 ms > 50
+    assert admission.decide(0, [0.0, 0.0]).admitted  # 40 ms expected
+    late = admission.decide(16, [0.0, 0.0])  # third batch round: 60 ms > 50
     assert not late.admitted and late.expected_s == pytest.approx(0.06) and late.retry_after_s == 1
-    swamped = controller(budget_s=0.05, batch_s=1.0).decide(64, 2)
+    swamped = controller(budget_s=0.05, batch_s=1.0).decide(64, [0.0, 0.0])
     # 8 batches ahead, no free worker: the computing round + 4 rounds of 2 batches, then its own: 6 s
     assert not swamped.admitted and swamped.retry_after_s == 6
-    assert controller(budget_s=0.0, batch_s=1.0).decide(64, 2).admitted  # budget 0: off
+    assert controller(budget_s=0.0, batch_s=1.0).decide(64, [0.0, 0.0]).admitted  # budget 0: off
 
 
 def test_a_request_a_free_worker_takes_at_once_is_admitted_even_past_the_budget() -> None:
     slow = controller(budget_s=0.05, batch_s=0.2)  # one batch alone takes 4x the budget
-    assert slow.decide(0, 1).admitted and slow.decide(7, 0).admitted  # a worker is free for its batch
-    assert not slow.decide(0, 2).admitted and not slow.decide(16, 1).admitted  # it would wait for one
+    assert slow.decide(0, [0.0]).admitted and slow.decide(7, []).admitted  # a worker is free for its batch
+    assert not slow.decide(0, [0.0, 0.0]).admitted and not slow.decide(16, [0.0]).admitted  # it would wait for one
 
 
 def test_the_batcher_refuses_at_once_what_would_wait_past_the_budget() -> None:
@@ -170,7 +180,7 @@ def test_full_batches_slower_than_the_target_lower_the_batch_cap_and_fast_ones_r
         admission.observe_batch(0.018, size=6)  # 18 ms x 7/6 = 21 ms would not fit: stays
     assert admission.batch_cap == 6
     # The expected latency counts batches of the cap, not of max_batch_size.
-    assert admission.expected_s(12, 2) == pytest.approx(3 * admission.batch_s)
+    assert admission.expected_s(12, [0.0, 0.0]) == pytest.approx(3 * admission.batch_s)
 
 
 def test_the_batch_cap_stays_at_max_batch_size_when_adapting_is_off_or_there_is_no_budget() -> None:
@@ -203,3 +213,23 @@ def test_the_batcher_closes_batches_at_the_admission_cap() -> None:
         await batcher.close(1.0)
 
     asyncio.run(main())
+
+
+def test_the_threshold_settles_where_about_one_admitted_answer_in_a_hundred_is_late() -> None:
+    admission = controller(budget_s=0.05)
+    rng = np.random.default_rng(0)
+    # Answers take the admission threshold plus a noisy estimate error: late ones (> 30 ms, 60% of the
+    # budget) lower it, on-time ones raise it a little.
+    late = []
+    for _ in range(20_000):
+        answer = admission.threshold_s + rng.normal(0.0, 0.01)
+        late.append(answer > 0.03)
+        admission.observe_answer(answer)
+    assert admission.threshold_s < 0.03 - 0.015  # well under the late line, to absorb the error
+    assert 0.003 < np.mean(late[-10_000:]) < 0.03
+    for _ in range(10_000):  # load gone: answers fast, the threshold climbs back to the budget
+        admission.observe_answer(0.005)
+    assert admission.threshold_s == pytest.approx(0.05)
+    assert admission.decide(0, [0.0, 0.0]).admitted  # 20 ms expected (batch_s 10 ms)
+    admission.threshold_s = 0.015
+    assert not admission.decide(0, [0.0, 0.0]).admitted  # 20 ms > the tuned threshold, though < the budget
