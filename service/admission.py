@@ -27,7 +27,8 @@ Smaller batches serve fewer requests a second, so more are refused at 429: the t
 Calibration: under overload admission keeps the queue at the edge of the budget, so admitted requests'
 expected times sit just under it and the estimate's errors (a slower batch, a worker preempted) put a
 good share of them over. The controller therefore admits below a threshold it tunes from the answers
-themselves: each admitted request whose time from joining the queue to its answer passes 60% of the
+themselves (those it admitted to wait behind computing batches; one a free worker takes at once is
+admitted whatever the threshold): each whose time from joining the queue to its answer passes 60% of the
 budget (the rest is for the time before the queue, which the batcher cannot time) lowers the threshold by 1% of the budget, each on time raises it by 1/99 of that, so it
 settles where about 1 in 100 is late (a quantile tracker), never above the budget nor below a fifth of it.
 """
@@ -53,6 +54,7 @@ class AdmissionDecision:
     admitted: bool
     expected_s: float  # expected time from now to the answer
     retry_after_s: int  # for the 429's Retry-After header
+    at_once: bool = False  # a free worker takes it: admitted whatever the threshold
 
 
 class AdmissionController:
@@ -146,6 +148,6 @@ class AdmissionController:
         expected = self.expected_s(queued, running_s)
         starts_at_once = queued // self.batch_cap < self.engine_workers - len(running_s)
         if not self.enabled or starts_at_once or expected <= self.threshold_s:
-            return AdmissionDecision(True, expected, 0)
+            return AdmissionDecision(True, expected, 0, at_once=starts_at_once)
         # When the queue ahead of it will have drained; whole seconds for Retry-After, at least 1.
         return AdmissionDecision(False, expected, max(1, math.ceil(expected)))

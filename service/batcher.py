@@ -82,6 +82,9 @@ class PendingRequest:
     enqueued_at: float  # event-loop time
     future: asyncio.Future[SearchResult] = field(repr=False)
     restriction: Restriction | None = None  # a per-request constraint: search only its allowed items
+    # Admitted by the threshold (it waits for a computing batch), not taken at once by a free worker:
+    # only these answers tell admission whether its threshold is right.
+    admitted_by_threshold: bool = False
 
     @property
     def waiting(self) -> bool:
@@ -257,8 +260,8 @@ class MicroBatcher:
         if deadline <= now:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
-        self.check_admission()
-        request = PendingRequest(history, deadline, now, loop.create_future(), restriction)
+        queued_behind_busy_workers = self.check_admission()
+        request = PendingRequest(history, deadline, now, loop.create_future(), restriction, queued_behind_busy_workers)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -272,17 +275,19 @@ class MicroBatcher:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed waiting for the engine") from None
 
-    def check_admission(self) -> None:
-        """Raise OverBudget if a request joining the queue now would miss the latency budget. The
-        route asks once before it reads the history (a refusal then costs no Redis round trip) and
-        submit asks again, as the queue may have grown meanwhile."""
+    def check_admission(self) -> bool:
+        """Raise OverBudget if a request joining the queue now would miss the latency budget; else
+        whether it was admitted by the threshold (False: a free worker takes it at once, or no
+        admission). The route asks once before it reads the history (a refusal then costs no Redis
+        round trip) and submit asks again, as the queue may have grown meanwhile."""
         if self.admission is None or not self.admission.enabled:
-            return
+            return False
         now = asyncio.get_running_loop().time()
         decision = self.admission.decide(self._queue.qsize(), [now - started for started in self._started_at.values()])
         if not decision.admitted:
             self._reject("over_budget")
             raise OverBudget(decision.expected_s, self.admission.budget_s, decision.retry_after_s)
+        return not decision.at_once
 
     async def close(self, timeout_s: float) -> None:
         """Stop accepting, finish what is queued within timeout_s, fail the rest with BatcherClosed."""
@@ -401,7 +406,8 @@ class MicroBatcher:
         if self.admission is not None:
             self.admission.observe_batch(batch_s, len(batch))
             for request in batch:
-                self.admission.observe_answer(started_at + batch_s - request.enqueued_at)
+                if request.admitted_by_threshold:
+                    self.admission.observe_answer(started_at + batch_s - request.enqueued_at)
             if self._metrics is not None:
                 self._metrics.batch_cap.set(self.batch_cap)
                 self._metrics.admission_threshold.set(self.admission.threshold_s)

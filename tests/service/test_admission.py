@@ -233,3 +233,22 @@ def test_the_threshold_settles_where_about_one_admitted_answer_in_a_hundred_is_l
     assert admission.decide(0, [0.0, 0.0]).admitted  # 20 ms expected (batch_s 10 ms)
     admission.threshold_s = 0.015
     assert not admission.decide(0, [0.0, 0.0]).admitted  # 20 ms > the tuned threshold, though < the budget
+
+
+def test_only_answers_admitted_to_wait_tune_the_threshold() -> None:
+    async def main() -> None:
+        engine = FakeEngine(delay_s=0.03)
+        admission = AdmissionController(0.01, 8, 1)  # 10 ms budget: every answer here is late
+        batcher = MicroBatcher(engine, max_batch_size=8, max_wait_ms=0, max_queue_size=64, engine_workers=1,
+                               admission=admission, metrics=ServiceMetrics())
+        await batcher.start()
+        loop = asyncio.get_running_loop()
+        first = asyncio.create_task(batcher.submit(np.array([1]), loop.time() + 10))  # a free worker: at once
+        await asyncio.to_thread(engine.entered.wait, 10)
+        second = asyncio.create_task(batcher.submit(np.array([2]), loop.time() + 10))  # waits behind it
+        await asyncio.gather(first, second)
+        # Only the second one's late answer lowered the threshold, by 1% of the budget.
+        assert admission.threshold_s == pytest.approx(0.01 - 0.0001)
+        await batcher.close(1.0)
+
+    asyncio.run(main())
