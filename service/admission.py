@@ -61,7 +61,7 @@ class AdmissionController:
     """Tracks the engine's batch time and decides whether a request can be answered in budget."""
 
     def __init__(self, budget_s: float, max_batch_size: int, engine_workers: int, *, max_wait_s: float = 0.0,
-                 ewma_weight: float = 0.2, adapt_batch_size: bool = True) -> None:
+                 ewma_weight: float = 0.2, adapt_batch_size: bool = False) -> None:
         if not 0 < ewma_weight <= 1:
             raise ValueError(f"ewma_weight must be in (0, 1], got {ewma_weight}")
         self.budget_s = budget_s

@@ -86,8 +86,9 @@ class Settings(BaseSettings):
     # waiting past it. 0 -> off (then only max_queue_size and request_timeout_ms bound the wait).
     latency_budget_ms: float = Field(50.0, ge=0)
     # With a budget, batches close at fewer than max_batch_size requests while a full batch takes more than
-    # 40% of the budget (service/admission.py): a request behind a computing batch still fits. Off: max_batch_size.
-    adaptive_batch_size: bool = True
+    # 40% of the budget (service/admission.py). Off by default: on 2 CPU cores at 2x peak it lowered
+    # goodput without a steadier p99 (docs/results.md, bench-reliability).
+    adaptive_batch_size: bool = False
 
     # --- shutdown ---------------------------------------------------------------------------------
     # On SIGTERM /health/ready answers 503 at once and the service keeps serving this many seconds, so

@@ -22,8 +22,8 @@ from tests.service.test_api import make_settings
 
 
 def controller(budget_s: float = 0.05, batch_size: int = 8, workers: int = 2, batch_s: float | None = 0.01,
-               max_wait_s: float = 0.0) -> AdmissionController:
-    admission = AdmissionController(budget_s, batch_size, workers, max_wait_s=max_wait_s)
+               max_wait_s: float = 0.0, adapt_batch_size: bool = False) -> AdmissionController:
+    admission = AdmissionController(budget_s, batch_size, workers, max_wait_s=max_wait_s, adapt_batch_size=adapt_batch_size)
     if batch_s is not None:
         admission.observe_batch(batch_s)
     return admission
@@ -159,7 +159,7 @@ def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir
 
 
 def test_full_batches_slower_than_the_target_lower_the_batch_cap_and_fast_ones_raise_it() -> None:
-    admission = controller(budget_s=0.05, batch_size=8, batch_s=None, max_wait_s=0.0)
+    admission = controller(budget_s=0.05, batch_size=8, batch_s=None, max_wait_s=0.0, adapt_batch_size=True)
     assert admission.batch_target_s == pytest.approx(0.02)  # 40% of 50 ms: the batch in flight, its own, a margin
     for _ in range(3):
         admission.observe_batch(0.03, size=8)  # full batches over the 20 ms target
@@ -184,7 +184,7 @@ def test_full_batches_slower_than_the_target_lower_the_batch_cap_and_fast_ones_r
 
 
 def test_the_batch_cap_stays_at_max_batch_size_when_adapting_is_off_or_there_is_no_budget() -> None:
-    for admission in (AdmissionController(0.05, 8, 2, adapt_batch_size=False), AdmissionController(0.0, 8, 2)):
+    for admission in (AdmissionController(0.05, 8, 2), AdmissionController(0.0, 8, 2, adapt_batch_size=True)):
         for _ in range(10):
             admission.observe_batch(1.0, size=8)
         assert admission.batch_cap == 8
