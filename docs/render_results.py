@@ -71,8 +71,9 @@ TABLES: list[tuple[str, str, str, str]] = [
     ("store_warm", "STORE's tasks on the warm split (Scientific)",
      "Amazon 2018 Scientific, the leave-one-out split and protocol above; one STORE model (d 128, 4 + 4 layers, one "
      "vocabulary of WordPiece + task markers + codes; RQ-KMeans 3 x 256 codes of the MiniLM text embeddings, fixed) "
-     "trained for the same wall time per row (train.max_train_seconds), the rows of a pair side by side on the 2 cores, "
-     "one thread each; the checkpoint chosen on 2,000 validation users. A task's weight 0 switches it off. "
+     "trained for the same wall time per row (train.max_train_seconds) or, where a row says so, the same epochs as the "
+     "all-tasks row; the rows of a pair side by side on the 2 cores, one thread each; the checkpoint chosen on 2,000 "
+     "validation users. A task's weight 0 switches it off. "
      "Valid at equal epochs: validation R@10 / N@10 of both rows at the epoch the slower one reached.",
      "rows"),
     ("new_items", "New items and the long tail (Scientific, new-item split)",
