@@ -522,7 +522,8 @@ def main() -> None:
             old, fitted_batch, new = overload(bundle_dir, redis, work, user_ids, out["peak_rps"], args.seconds)
             out |= {"overload_fitted_batch_accepted_p99_ms": fitted_batch["accepted_p99_ms"],
                     "overload_fitted_batch_rejected_share": fitted_batch["rejected_429_share"],
-                    "overload_fitted_batch_goodput_rps": fitted_batch["goodput_rps"],"overload_accepted_p99_ms": new["accepted_p99_ms"],
+                    "overload_fitted_batch_goodput_rps": fitted_batch["goodput_rps"],
+                    "overload_accepted_p99_ms": new["accepted_p99_ms"],
                     "overload_rejected_share": new["rejected_429_share"],
                     "overload_goodput_rps": new["goodput_rps"],
                     "overload_old_accepted_p99_ms": old["accepted_p99_ms"],

@@ -28,9 +28,10 @@ Calibration: under overload admission keeps the queue at the edge of the budget,
 expected times sit just under it and the estimate's errors (a slower batch, a worker preempted) put a
 good share of them over. The controller therefore admits below a threshold it tunes from the answers
 themselves (those it admitted to wait behind computing batches; one a free worker takes at once is
-admitted whatever the threshold): each whose time from joining the queue to its answer passes 60% of the
-budget (the rest is for the time before the queue, which the batcher cannot time) lowers the threshold by 1% of the budget, each on time raises it by 1/99 of that, so it
-settles where about 1 in 100 is late (a quantile tracker), never above the budget nor below a fifth of it.
+admitted whatever the threshold): each whose time from joining the queue to its answer passes 60% of
+the budget (the rest is for the time before the queue, which the batcher cannot time) lowers the
+threshold by 1% of the budget, each on time raises it by 1/99 of that, so it settles where about
+1 in 100 is late (a quantile tracker), never above the budget nor below a fifth of it.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ THRESHOLD_STEP = 0.01  # of the budget: how far one late answer lowers the admis
 MIN_THRESHOLD_SHARE = 0.2
 BATCH_SHARE_OF_BUDGET = 0.4  # of the budget after the batching window: the batch in flight, its own, and a margin
 FULL_BATCHES_PER_DECISION = 3  # full batches measured at a cap before it moves again
+
 
 @dataclass(frozen=True)
 class AdmissionDecision:

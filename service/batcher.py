@@ -260,8 +260,8 @@ class MicroBatcher:
         if deadline <= now:
             self._reject("deadline")
             raise DeadlineExceeded("deadline passed before the request was queued")
-        queued_behind_busy_workers = self.check_admission()
-        request = PendingRequest(history, deadline, now, loop.create_future(), restriction, queued_behind_busy_workers)
+        admitted_by_threshold = self.check_admission()
+        request = PendingRequest(history, deadline, now, loop.create_future(), restriction, admitted_by_threshold)
         try:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:

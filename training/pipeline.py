@@ -173,8 +173,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     joint_kwargs: dict[str, Any] = {}
     if joint is not None and joint.trains_tokenizer:
         tokenizer = trainable_tokenizer(tokenizer)
-        trainable = tokenizer.trainable(views)
-        trainable.keep_margin = joint.refresh_keep_margin
+        trainable = tokenizer.trainable(views, keep_margin=joint.refresh_keep_margin)
         joint_kwargs = {"tokenizer": trainable, "phases": joint_phases(joint),
                         "extra_losses": joint_losses(joint, model_cfg.d_model, tokenizer, trainable.module.inputs.shape[1],
                                                      raw_codes)}

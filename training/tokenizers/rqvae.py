@@ -331,12 +331,13 @@ class RQVAETokenizer(MatrixTokenizer):
         model.eval()
         return tokenizer
 
-    def trainable(self, views: ItemViews) -> TrainableRQVAE:
+    def trainable(self, views: ItemViews, keep_margin: float = 0.0) -> TrainableRQVAE:
         """The trainable form over this catalog (training/train.py trains it beside the recommender);
-        it shares this tokenizer's weights, so state_dict() and encode() see what it learned."""
+        it shares this tokenizer's weights, so state_dict() and encode() see what it learned.
+        keep_margin: TrainableRQVAE's sticky re-encoding."""
         if self.model is None:
             raise RuntimeError("tokenizer is not fitted")
-        return TrainableRQVAE(CatalogRQVAE(self.model, self._prep(views.matrix(self.input_view))))
+        return TrainableRQVAE(CatalogRQVAE(self.model, self._prep(views.matrix(self.input_view))), keep_margin)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         if self.model is None:
