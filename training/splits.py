@@ -130,6 +130,47 @@ def content_knn(text_embeddings: np.ndarray, histories: list[np.ndarray], k: int
     return out
 
 
+NEW_ITEM_SHARE = 0.1  # TIGER's cold-start setting: at most this share of the top k may be new items
+
+
+def with_new_items_by_prefix(ranked: np.ndarray, semantic_ids: np.ndarray, new_items: np.ndarray,
+                             share: float = NEW_ITEM_SHARE, k: int = 10, min_shared_levels: int = 2) -> np.ndarray:
+    """TIGER's cold-start retrieval over a generative ranking: a model trained on known items gives a
+    new item's own last codes almost no probability, but its code prefix places it near the items it
+    resembles. Each ranked item brings the new items sharing its deepest code prefix (at least
+    `min_shared_levels` levels, the collision level excluded), placed right after it; at most
+    floor(share * k) new items enter the top k. ranked: (U, >= k), -1 for empty slots. -> (U, k)."""
+    ids = np.asarray(semantic_ids)
+    content_levels = ids.shape[1] - 1  # the last level only tells items with equal codes apart
+    allowed = int(share * k)
+    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    for item in np.asarray(new_items).tolist():
+        for depth in range(min_shared_levels, content_levels + 1):
+            by_prefix.setdefault(tuple(ids[item, :depth].tolist()), []).append(item)
+    out = np.full((len(ranked), k), -1, dtype=np.int64)
+    for row, items in enumerate(np.asarray(ranked).tolist()):
+        chosen: list[int] = []
+        added = 0
+        for item in items:
+            if len(chosen) >= k:
+                break
+            if item < 0:
+                continue
+            if item not in chosen:
+                chosen.append(item)
+            for depth in range(content_levels, min_shared_levels - 1, -1):
+                matches = [n for n in by_prefix.get(tuple(ids[item, :depth].tolist()), []) if n not in chosen]
+                if matches:
+                    break
+            for new in matches if added < allowed else []:
+                if added >= allowed or len(chosen) >= k:
+                    break
+                chosen.append(new)
+                added += 1
+        out[row, : len(chosen[:k])] = chosen[:k]
+    return out
+
+
 def markdown_table(rows: dict[str, dict[str, dict[str, float]]], metric_keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> str:
     """{row: group_metrics(...)} -> one line per row, R@10/N@10 per group; user counts in the header."""
     groups = list(next(iter(rows.values())))

@@ -24,6 +24,7 @@ from training.loop import Phase
 from training.store_model import StoreModel, TextToCodes, text_tokenizer, tokenize_texts
 from training.tokenizers.base import CatalogCodes, assign_semantic_ids
 from training.tokenizers.rqkmeans import kmeans, sq_distances
+from training.tokenizers.rqvae import sticky_assign
 from training.train import RecommenderTask
 from training.warm_start import project_features
 
@@ -43,6 +44,9 @@ class StoreTaskConfig:
     codes: str = "fixed"
     own_codes_after: int = 2  # epochs on the fixed codes before the first refresh from the model's states
     own_codes_iters: int = 5  # Lloyd iterations per level and refresh
+    # An item keeps its code at a level while its squared distance to that centre is within (1 + margin)
+    # x the nearest one's (0: nearest always): the sticky refresh of joint training (joint.refresh_keep_margin).
+    own_codes_keep_margin: float = 0.0
     # Start the WordPiece rows (input and output) from all-MiniLM-L6-v2's word embeddings, projected to
     # d_model: its language knowledge at the cost of nothing per step (its 6-layer encoder would
     # cost 8-14 s per step here, docs/architecture.md).
@@ -162,7 +166,8 @@ class StoreTask(RecommenderTask):
         if self.store.codes != "own" or epoch < self.store.own_codes_after:
             return None
         raw = own_codes(self.model, self.texts, self.codes.semantic_ids[:, :-1], self.train_items,
-                        self.codes.raw_codebook_sizes, self.store.own_codes_iters, seed=self.cfg.seed + epoch)
+                        self.codes.raw_codebook_sizes, self.store.own_codes_iters, seed=self.cfg.seed + epoch,
+                        keep_margin=self.store.own_codes_keep_margin)
         return self.refresh_codes(raw, epoch)
 
 
@@ -195,11 +200,14 @@ def pooled_text_states(model: StoreModel, texts: ItemTexts, items: np.ndarray, b
 
 
 def own_codes(model: StoreModel, texts: ItemTexts, current_raw: np.ndarray, train_items: np.ndarray,
-              codebook_sizes: list[int], iters: int, seed: int) -> np.ndarray:
+              codebook_sizes: list[int], iters: int, seed: int, keep_margin: float = 0.0) -> np.ndarray:
     """Raw codes for every item from residual k-means on the model's pooled text states: centres
     fitted on the training catalog's items, each level started from the mean state (residual) of
     the items now holding each code, so code c stays close to what it meant; every item (new ones
-    included) then takes its nearest centres. -> (N, L-1) int64."""
+    included) then takes its nearest centres, or with keep_margin > 0 keeps its current code while
+    that is nearly as close (sticky_assign). -> (N, L-1) int64."""
+    assign = sticky_assign(torch.as_tensor(current_raw), keep_margin) if keep_margin > 0 else (
+        lambda level, d2: d2.argmin(1))
     states = torch.as_tensor(pooled_text_states(model, texts, np.arange(len(current_raw))))
     fit_rows = torch.as_tensor(train_items)
     residual = states.clone()
@@ -211,7 +219,7 @@ def own_codes(model: StoreModel, texts: ItemTexts, current_raw: np.ndarray, trai
         counts = torch.bincount(held, minlength=size).clamp(min=1)
         start = torch.zeros(size, x.shape[1]).index_add_(0, held, x) / counts[:, None]
         centres, _ = kmeans(x, size, iters, gen, init=start)
-        raw[:, level] = sq_distances(residual, centres).argmin(1).numpy()
+        raw[:, level] = assign(level, sq_distances(residual, centres)).numpy()
         residual = residual - centres[torch.as_tensor(raw[:, level])]
     return raw
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from training.data import item_popularity, leave_one_out, make_synthetic_dataset, write_dataset
-from training.splits import content_knn, group_metrics, new_item_split, stratified_held_out
+from training.splits import content_knn, group_metrics, new_item_split, stratified_held_out, with_new_items_by_prefix
 from training.tokenizers import assign_semantic_ids
 
 
@@ -54,6 +54,21 @@ def test_group_metrics_and_content_knn() -> None:
     assert top[0, 0] == 5 and 3 not in top[0]
 
 
+def test_new_items_enter_after_the_ranked_item_sharing_their_deepest_prefix_within_their_share() -> None:
+    # 3 content levels + the collision level; items 5, 6 and 7 are new.
+    ids = np.array([[0, 0, 0, 0], [0, 0, 1, 0], [1, 1, 1, 0], [1, 1, 2, 0], [2, 2, 2, 0],
+                    [0, 0, 1, 1], [1, 1, 3, 0], [3, 3, 3, 0]])
+    ranked = np.array([[2, 1, 0, 3, 4, -1]])
+    out = with_new_items_by_prefix(ranked, ids, np.array([5, 6, 7]), share=0.2, k=10)
+    # item 2 shares two levels with new item 6; item 1 all three content levels with new item 5;
+    # new item 7 shares no two levels with anything ranked and stays out.
+    assert out[0].tolist() == [2, 6, 1, 5, 0, 3, 4, -1, -1, -1]
+    # at most floor(share * k) new items
+    assert with_new_items_by_prefix(ranked, ids, np.array([5, 6, 7]), share=0.1, k=10)[0].tolist()[:4] == [2, 6, 1, 0]
+    # a known ranking with no new items is kept as it is
+    assert with_new_items_by_prefix(ranked, ids, np.array([], dtype=int), k=5)[0].tolist() == [2, 1, 0, 3, 4]
+
+
 def test_new_items_get_collision_codes_after_the_known_ones() -> None:
     raw = np.array([[0, 0], [0, 0], [1, 0], [0, 0]])
     arrival = np.array([1, 2, 3, 0])  # item 0 is new: it arrives last
@@ -78,6 +93,9 @@ def test_a_text_view_configuration_runs_on_the_new_item_split(tmp_path: Path, ca
     # The floors that only know training interactions never reach a held-out target.
     assert rows["most popular"]["new_target"]["recall@10"] == 0.0
     assert rows["last-item transitions"]["new_target"]["recall@10"] == 0.0
+    # TIGER's cold-start placement beside the plain ranking, on the same users
+    placed = rows["this model (new items: tokenizer encode, placed by shared prefix, share 0.1)"]
+    assert placed["all"]["users"] == model["all"]["users"]
     assert summary["export_check"]["served_top10_equal"] == summary["export_check"]["users_checked"]
 
 

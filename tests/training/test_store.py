@@ -108,6 +108,21 @@ def test_own_codes_keep_code_identity_when_the_states_fit_them() -> None:
     assert len(np.unique(first)) > 1
 
 
+def test_a_sticky_own_code_refresh_keeps_codes_within_the_margin() -> None:
+    torch.manual_seed(0)
+    cfg = StoreConfig(codebook_sizes=[4, 2], d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=1,
+                      dropout=0.0, max_text_tokens=16, max_encoder_tokens=16)
+    model = StoreModel(cfg)
+    texts = ItemTexts.from_texts(make_synthetic_dataset(40, 40, seed=0, n_clusters=4).texts, 16)
+    current = np.random.default_rng(0).integers(0, 4, size=(40, 1))  # codes the states do not fit
+    nearest = own_codes(model, texts, current, np.arange(40), [4], iters=20, seed=0)
+    assert (nearest != current).any()
+    kept = own_codes(model, texts, current, np.arange(40), [4], iters=20, seed=0, keep_margin=1e9)
+    np.testing.assert_array_equal(kept, current)
+    some = own_codes(model, texts, current, np.arange(40), [4], iters=20, seed=0, keep_margin=0.25)
+    assert (some == current).sum() >= (nearest == current).sum()
+
+
 def test_new_items_take_collision_codes_after_the_catalog() -> None:
     raw = np.array([[0, 1], [0, 1], [2, 0], [1, 1]])
     ids, _ = assign_semantic_ids(raw, [3, 2], 3)
