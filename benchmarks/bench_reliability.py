@@ -51,6 +51,9 @@ from service.config import find_newest_bundle  # noqa: E402
 
 HOST = "127.0.0.1"
 BUDGET_MS = P99_BUDGET_MS
+# With --client-cpus: the CPUs of the service, and of this load generator and Redis (None: shared).
+SERVICE_CPUS: set[int] | None = None
+CLIENT_CPUS: set[int] | None = None
 
 
 # ---- a Redis this benchmark may crash ----------------------------------------------------------
@@ -74,7 +77,8 @@ class Redis:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "yes",
              "--appendfsync", "everysec", "--dir", str(self.dir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, CLIENT_CPUS)) if CLIENT_CPUS else None)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
@@ -113,7 +117,7 @@ def start_service(bundle_dir: Path, redis_url: str, work: Path, **env: str) -> S
     spool = Path(tempfile.mkdtemp(prefix="spool-", dir=work)) / "events.jsonl"
     settings = {"GENREC_DRAIN_SECONDS": "0", "GENREC_EVENT_SPOOL_PATH": str(spool), "GENREC_MAX_QUEUE_SIZE": "256"}
     settings.update(env)
-    svc = Service(bundle_dir, redis_url, work, settings)
+    svc = Service(bundle_dir, redis_url, work, settings, cpus=SERVICE_CPUS)
     svc.wait_ready()
     return svc
 
@@ -498,8 +502,18 @@ def main() -> None:
     parser.add_argument("--scenarios", default="overload,outage,sigterm,soak")
     parser.add_argument("--seconds", type=float, default=10.0, help="open-loop overload window per policy")
     parser.add_argument("--soak-seconds", type=float, default=180.0)
+    parser.add_argument("--client-cpus", type=int, default=0,
+                        help="give this load generator and Redis the first N CPUs and the service the rest, as a "
+                             "load generator on another machine would leave them (0: all share every CPU)")
     args = parser.parse_args()
     scenarios = set(args.scenarios.split(","))
+    global SERVICE_CPUS, CLIENT_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.client_cpus:
+        if args.client_cpus >= len(cpus):
+            sys.exit(f"bench_reliability: --client-cpus {args.client_cpus} leaves the service none of {len(cpus)} CPUs")
+        CLIENT_CPUS, SERVICE_CPUS = set(cpus[: args.client_cpus]), set(cpus[args.client_cpus :])
+        os.sched_setaffinity(0, CLIENT_CPUS)
 
     work = Path(tempfile.mkdtemp(prefix="bench-reliability-"))
     bundle_dir, bundle_note = resolve_bundle(args.bundle, work)
@@ -507,7 +521,9 @@ def main() -> None:
     redis = Redis(work)
     redis.start()
     out: dict = {"bundle": f"{bundle.name}/{bundle.version}", "bundle_note": bundle_note,
-                 "cores": len(os.sched_getaffinity(0)), "load_average_1m": round(os.getloadavg()[0], 2)}
+                 "cores": len(cpus), "load_average_1m": round(os.getloadavg()[0], 2),
+                 "service_cpus": sorted(SERVICE_CPUS) if SERVICE_CPUS else "all",
+                 "client_cpus": sorted(CLIENT_CPUS) if CLIENT_CPUS else "all"}
     try:
         user_ids = seed_users(redis.url, bundle, 2000, np.random.default_rng(0))
         svc = start_service(bundle_dir, redis.url, work, GENREC_LATENCY_BUDGET_MS="0")

@@ -73,7 +73,9 @@ def start_redis(work: Path) -> tuple[subprocess.Popen, int]:
 class Service:
     """The real service process (`python -m service`) on a free loopback port."""
 
-    def __init__(self, bundle_dir: Path, redis_url: str, work: Path, env: dict[str, str], providers: str = "cpu") -> None:
+    def __init__(self, bundle_dir: Path, redis_url: str, work: Path, env: dict[str, str], providers: str = "cpu",
+                 cpus: set[int] | None = None) -> None:
+        """cpus: the CPUs the service may run on (all of this process's when None)."""
         self.port = free_port()
         self.log_path = work / f"service-{self.port}.log"
         child_env = {k: v for k, v in os.environ.items() if not k.startswith("GENREC_")}
@@ -84,7 +86,8 @@ class Service:
         self.env = env
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=REPO, env=child_env,
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
 
     def wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout

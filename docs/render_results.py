@@ -80,7 +80,13 @@ TABLES: list[tuple[str, str, str, str]] = [
      "`genrec new-items`: 5% of the items held out (equally from 20 popularity strata), removed from every training "
      "sequence and from tokenizer fitting; at test time they get codes from the model's text-to-codes (STORE) or the "
      "tokenizer's encode. Test R@10 / N@10 by the test target: held out, long tail (<= 5 training interactions), "
-     "popular (> 20), all users; the floors on the same users beside the model.", "rows"),
+     "popular (> 20), all users; the floors on the same users beside the model. Placed by shared prefix: TIGER's "
+     "cold-start retrieval over the model's ranking (training/splits.py with_new_items_by_prefix): each ranked item "
+     "brings the new items sharing its deepest code prefix (at least 2 of the 3 content levels) right after it, at "
+     "most 1 new item in the top 10 (share .1, fixed in advance: no validation target is a new item). The 3-seed rows: "
+     "STORE, TIGER (RQ-VAE 3 x 256 on the MiniLM text embeddings) and the plain recommender on STORE's own codes "
+     "(RQ-KMeans 3 x 256 of the same embeddings), each with the same 18-minute training budget (early stop on "
+     "validation), d 128, 4 + 4 layers, two runs side by side on the 2 cores, one thread each.", "rows"),
     ("catalog", "Catalog updates: `make bench-catalog`",
      "A Scientific bundle trained on the new-item split (`genrec new-items`), served on loopback without its "
      "held-out items (service, Redis and the load generator on the same 2 cores); 100 of them added back through "

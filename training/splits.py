@@ -158,6 +158,7 @@ def with_new_items_by_prefix(ranked: np.ndarray, semantic_ids: np.ndarray, new_i
                 continue
             if item not in chosen:
                 chosen.append(item)
+            matches: list[int] = []
             for depth in range(content_levels, min_shared_levels - 1, -1):
                 matches = [n for n in by_prefix.get(tuple(ids[item, :depth].tolist()), []) if n not in chosen]
                 if matches:
