@@ -105,10 +105,12 @@ bench-scaleout: $(STAMP) system-deps
 
 # Reliability under faults, on loopback: 2x-peak overload (old vs new admission policy side by side), Redis
 # SIGKILL/SIGSTOP under events + recommends, SIGTERM under load, a soak (SOAK seconds, default 180). Ends with
-# one JSON line. BUNDLE=dir picks the bundle (default: newest under models/, else a synthetic one is built).
+# one JSON line. BUNDLE=dir picks the bundle (default: newest under models/, else a synthetic one is built);
+# CLIENT_CPUS=N gives the load generator and Redis N CPUs of their own and the service the rest.
 .PHONY: bench-reliability
 bench-reliability: $(STAMP) system-deps
-	$(BIN)/python benchmarks/bench_reliability.py $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(SOAK),--soak-seconds $(SOAK),)
+	$(BIN)/python benchmarks/bench_reliability.py $(if $(BUNDLE),--bundle $(BUNDLE),) $(if $(SOAK),--soak-seconds $(SOAK),) \
+		$(if $(CLIENT_CPUS),--client-cpus $(CLIENT_CPUS),)
 
 # Catalog updates on loopback (benchmarks/catalog_updates.py): a new-item-split bundle served without its held-out
 # items, 100 of them PUT through /items under open-loop load at 50% of peak (time to recommendable p50/p99, failed

@@ -1,7 +1,7 @@
 """Reliability benchmark: the real service process and a real redis-server on loopback, under load.
 
     python benchmarks/bench_reliability.py [--bundle DIR] [--scenarios overload,outage,sigterm,soak]
-                                           [--seconds S] [--soak-seconds S]
+                                           [--seconds S] [--soak-seconds S] [--client-cpus N]
 
 Scenarios (each prints its table; one JSON line at the end):
 - peak: closed-loop /recommend throughput of the service (user histories from Redis); the rates
@@ -19,7 +19,10 @@ Scenarios (each prints its table; one JSON line at the end):
   readiness said 503 before the port closed, and requests that failed after they were sent.
 - soak: the outage scenario's mixed load at 50% of peak for --soak-seconds: errors, RSS growth.
 
-Load comes from this process only, to 127.0.0.1, bounded in time and count.
+Load comes from this process only, to 127.0.0.1, bounded in time and count. By default the load
+generator, Redis and the service share every CPU, so the client's own work shows in the latencies it
+measures; --client-cpus N gives the load generator and Redis the first N CPUs and the service the
+rest, as a client on another machine would leave them.
 """
 from __future__ import annotations
 
