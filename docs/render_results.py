@@ -68,8 +68,8 @@ TABLES: list[tuple[str, str, str, str]] = [
      "level of 64. ETEGRec as in the Scientific table (SIA 1e-4, PSA 3e-4, the paper's sign). LETTER's 3-seed row "
      "(10 epochs) is in the LETTER table.",
      "rows"),
-    ("store_warm", "STORE's tasks on the warm split (Scientific)",
-     "Amazon 2018 Scientific, the leave-one-out split and protocol above; one STORE model (d 128, 4 + 4 layers, one "
+    ("store_warm", "STORE's tasks on the warm split (Scientific, Beauty)",
+     "Amazon 2018 Scientific and Amazon 2014 Beauty, the leave-one-out split and protocol above; one STORE model (d 128, 4 + 4 layers, one "
      "vocabulary of WordPiece + task markers + codes; RQ-KMeans 3 x 256 codes of the MiniLM text embeddings, fixed) "
      "trained for the same wall time per row (train.max_train_seconds) or, where a row says so, the same epochs as the "
      "all-tasks row; the rows of a pair side by side on the 2 cores, one thread each; the checkpoint chosen on 2,000 "
