@@ -104,7 +104,9 @@ TABLES: list[tuple[str, str, str, str]] = [
     ("published", "Published figures on Beauty",
      "Other methods' published test figures under the same protocol, for comparison; not run here.", "rows"),
     ("tuning", "Beauty variants on an H100",
-     "Test R@10 / N@10 of the same recommender with one thing changed, seed 0.", "rows"),
+     "Test R@10 / N@10 of the same recommender with one thing changed, seed 0. The Beauty default's longest "
+     "schedule on a lent GPU, three seeds side by side with their curves: `bash benchmarks/gpu_beauty_schedule.sh` "
+     "(prepared and checked on a CPU; not yet run on a GPU).", "rows"),
     ("pilots_codes", "Validation pilots: which codes, warm or cold start",
      "Runs side by side on one 12-epoch schedule, stopped after epoch 6; validation R@10 / N@10 on 2,000 users.",
      "rows"),
