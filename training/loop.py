@@ -264,7 +264,8 @@ def run_loop(
         clipped = [p for name in phase.train for p in groups[name].params]
         objective.train()
         t0 = time.perf_counter()
-        bar = tqdm(task.batches(rng), desc=f"epoch {epoch}", disable=not progress or rank != 0, leave=False)
+        # disable=None: the bar only on a terminal, so a run's log file keeps the epoch lines alone.
+        bar = tqdm(task.batches(rng), desc=f"epoch {epoch}", disable=None if progress and rank == 0 else True, leave=False)
         epoch_loss, epoch_targets, term_sums = 0.0, 0, dict.fromkeys(phase.losses, 0.0)
         for batch in bar:
             inputs = task.inputs(batch, rank, world, device)
