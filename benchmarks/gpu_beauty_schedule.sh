@@ -16,7 +16,7 @@ EXTRA=${EXTRA:-}
 PY=${PYTHON:-python3}
 WORK=$(mktemp -d /tmp/genrec-gpu.XXXX)
 mkdir -p "$OUT" "$WORK/logs"
-export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 TQDM_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4} PYTHONUNBUFFERED=1
 
 start=$SECONDS
 { nvidia-smi || true; } > "$WORK/logs/nvidia-smi.txt" 2>&1

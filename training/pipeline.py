@@ -243,7 +243,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         # embedding, or with STORE's own codes the nearest centres of their pooled text states.
         catalog_codes = "own-code centres" if store_texts is not None and result.codes.refreshes else "tokenizer encode"
         model_rows = {f"this model (new items: {catalog_codes})": test_ranked}
-        row_codes = {f"this model (new items: {catalog_codes})": semantic_ids}  # the codes each row ranked with
+        codes_by_source = {catalog_codes: semantic_ids}  # where the new items' codes came from -> the codes ranked with
         if store_texts is not None:  # STORE's own way: T2K gives the held-out items their codes
             t2k_raw = text_to_codes(result.model, store_texts, new_items.held_out)
             store_figures[f"t2k_new_items_matching_{catalog_codes.replace(' ', '_')}"] = float(
@@ -255,16 +255,16 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
             else:  # the summary's test figures (and the bundle) are then those of T2K's codes
                 model_rows["this model (new items: T2K)"] = beam_ranker(result.model, semantic_ids, cfg.beam_size,
                                                                         device)(test_histories)
-                row_codes["this model (new items: T2K)"] = semantic_ids
+                codes_by_source["T2K"] = semantic_ids
                 final_ranked = model_rows["this model (new items: T2K)"]
                 test = topk_metrics(final_ranked, splits.test_targets[users])
             # K2T on the held-out items' codes: does the generated text find the item again?
             store_figures["k2t_new_items"] = k2t_identity(result.model, semantic_ids, new_items.held_out, train_items,
                                                           dataset.titles, views.text, get_text_encoder(cfg.text_encoder))
         # TIGER's cold-start retrieval: new items placed after the ranked items sharing their code prefix.
-        for name, codes_of_row in row_codes.items():
-            model_rows[f"{name[:-1]}, placed by shared prefix, share {NEW_ITEM_SHARE})"] = with_new_items_by_prefix(
-                model_rows[name], codes_of_row, new_items.held_out)
+        for source, ranked_with in codes_by_source.items():
+            model_rows[f"this model (new items: {source}, placed by shared prefix, share {NEW_ITEM_SHARE})"] = (
+                with_new_items_by_prefix(model_rows[f"this model (new items: {source})"], ranked_with, new_items.held_out))
         new_item_figures = {"held_out_items": int(len(new_items.held_out)), "note": CANNOT_RANK_NEW_ITEMS,
                             "rows": new_item_rows(new_items, model_rows, views.text, users)}
     # The long tail: test figures by the target's training interactions (training/splits.py).
@@ -278,11 +278,22 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         free = unconstrained_topk(result.model, test_histories, semantic_ids, cfg.beam_size, device=device)
         test_unconstrained = topk_metrics(free, splits.test_targets[users]) | {"invalid@10": float((free[:, :10] < 0).mean())}
     lap("evaluate", t0)
-    # The figures before export, so a run whose export fails keeps what its training and evaluation cost.
-    (run_dir / "evaluation.json").write_text(json.dumps(
-        {"valid": valid, "test": test, "test_codes_only": test_codes_only, "item_head_candidates": candidates_choice,
-         "test_unconstrained": test_unconstrained, "test_by_popularity": test_by_popularity, "floors": floors,
-         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "timings_s": timings}, indent=2))
+    figures = {
+        "valid": valid,
+        "test": test,
+        **({"test_codes_only": test_codes_only} if test_codes_only else {}),
+        **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
+        **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
+        **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
+        **({"store": store_figures} if store_figures else {}),
+        "test_by_popularity": test_by_popularity,
+        "evaluated_users": len(users),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "floors": floors,
+    }
+    # Written before export, so a run whose export fails keeps what its training and evaluation cost.
+    (run_dir / "evaluation.json").write_text(json.dumps(figures | {"timings_s": timings}, indent=2))
 
     tokenizer_info = {
         "kind": tokenizer.kind,
@@ -356,23 +367,12 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "beam": cfg.beam_size,
         "wall_s": round(time.perf_counter() - started, 1),
         "tokenizer": {"kind": cfg.tokenizer, "item_features": cfg.item_features, **code_quality},
-        "valid": valid,
-        "test": test,
-        **({"test_codes_only": test_codes_only} if test_codes_only else {}),
-        **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
-        **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
-        **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
-        **({"store": store_figures} if store_figures else {}),
-        "test_by_popularity": test_by_popularity,
-        "evaluated_users": len(users),
-        "best_epoch": result.best_epoch,
-        "epochs_run": result.epochs_run,
+        **figures,
         "train_samples_per_s": round(result.samples_per_second, 1),
         "timings_s": timings,
         "export_check": check.to_dict(),
         "bundle": str(bundle_dir),
     }
-    summary["floors"] = floors
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     row = results_row(summary)
     with (models_dir.parent / "runs" / "results.md").open("a") as f:

@@ -163,7 +163,7 @@ def with_new_items_by_prefix(ranked: np.ndarray, semantic_ids: np.ndarray, new_i
                 matches = [n for n in by_prefix.get(tuple(ids[item, :depth].tolist()), []) if n not in chosen]
                 if matches:
                     break
-            for new in matches if added < allowed else []:
+            for new in matches:
                 if added >= allowed or len(chosen) >= k:
                     break
                 chosen.append(new)
