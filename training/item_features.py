@@ -101,4 +101,4 @@ def sasrec_reference(dataset: Dataset, seed: int, settings: dict[str, Any] | Non
     embeddings, meta = load_item_embeddings(path)
     if embeddings.shape[0] != dataset.n_items or "valid" not in meta or "test" not in meta:
         return None
-    return {"valid": meta["valid"], "test": meta["test"]}
+    return {key: meta[key] for key in ("valid", "test", "test_by_popularity") if key in meta}

@@ -355,7 +355,9 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         print(f"[genrec] export check: {json.dumps(check.to_dict())}", flush=True)
         print(format_table({"valid": valid, "test": test}), flush=True)
         print(floors_table(valid, test, floors), flush=True)
-        print("test by the target's training interactions:\n" + splits_markdown({"this model": test_by_popularity}), flush=True)
+        print("test by the target's training interactions:\n" + splits_markdown(
+            {"this model": test_by_popularity} | {name: row["test_by_popularity"] for name, row in floors.items()
+                                                  if "test_by_popularity" in row}), flush=True)
         if new_item_figures:
             print(f"[genrec] new-item split: {new_item_figures['held_out_items']} items held out", flush=True)
             print(splits_markdown(new_item_figures["rows"]), flush=True)

@@ -44,6 +44,7 @@ from training.data import Dataset, Splits, item_popularity, leave_one_out, load_
 from training.metrics import topk_metrics
 from training.batching import sequence_batches
 from training.evaluation import evaluate
+from training.splits import by_target_popularity
 from training.loop import LoopConfig, Objective, ParamGroup, Phase, run_loop
 
 TOPK = 10  # the largest cutoff of training.metrics.CUTOFFS
@@ -350,7 +351,10 @@ def run(
         device = train_cfg.device
         ranker = sasrec_ranker(result.model, device)
         summary["valid"] = evaluate(ranker, splits.valid_histories, splits.valid_targets)
-        summary["test"] = evaluate(ranker, splits.test_histories, splits.test_targets)
+        test_ranked = ranker(splits.test_histories)
+        summary["test"] = topk_metrics(test_ranked, splits.test_targets)
+        summary["test_by_popularity"] = by_target_popularity(test_ranked, splits.test_targets, splits.train_sequences,
+                                                             dataset.n_items)
     summary.update({
         "wall_s": round(time.perf_counter() - started, 1),
         "epochs_run": result.epochs_run,
@@ -360,7 +364,8 @@ def run(
     })
     if rank == 0:
         path = Path(out) if out is not None else default_artifact_path(dataset.name, train_cfg.seed)
-        meta = {k: summary[k] for k in ("dataset", "model", "seed", "valid", "test", "best_epoch", "config")}
+        meta = {k: summary[k] for k in ("dataset", "model", "seed", "valid", "test", "test_by_popularity", "best_epoch",
+                                        "config")}
         meta["shape"] = [dataset.n_items, model_cfg.d_model]
         meta["item_order"] = "dataset item index (training.data.load_dataset); row i = item_ids[i]"
         save_item_embeddings(path, result.model.item_embeddings().detach().float().cpu().numpy(), meta)

@@ -54,6 +54,13 @@ def popularity_groups(targets: np.ndarray, train_counts: np.ndarray) -> dict[str
             "6-20": (counts > LONG_TAIL_MAX) & (counts <= 20), ">20": counts > 20}
 
 
+def by_target_popularity(ranked: np.ndarray, targets: np.ndarray, train_sequences: list[np.ndarray],
+                         n_items: int) -> dict[str, dict[str, float]]:
+    """Test figures of (U, >= 10) rankings by the target's training interactions (popularity_groups)."""
+    targets = np.asarray(targets)
+    return group_metrics(ranked, targets, popularity_groups(targets, item_popularity(train_sequences, n_items)))
+
+
 def stratified_held_out(popularity: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
     """Items ordered by popularity (ties in random order) cut into STRATA equal groups; the same
     share `fraction` drawn from each, so head and tail are held out alike. -> sorted indices."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from training.baselines import Floors, evaluate_baselines, main, transition_counts
 from training.data import Dataset, leave_one_out, make_synthetic_dataset
@@ -43,6 +44,12 @@ def test_transitions_beat_popularity_where_the_next_item_is_the_successor() -> N
     # Users step to the cluster successor 80% of the time (make_synthetic_dataset).
     assert transitions["test"]["recall@10"] > 0.6
     assert transitions["test"]["recall@10"] > 3 * popular["test"]["recall@10"]
+    # The long tail: the same test figures split by the target's training interactions.
+    for row in (transitions, popular):
+        by_popularity = row["test_by_popularity"]
+        assert by_popularity["all"]["users"] == len(splits.test_targets)
+        assert by_popularity["all"]["recall@10"] == pytest.approx(row["test"]["recall@10"])
+        assert sum(by_popularity[g]["users"] for g in by_popularity if g != "all") == len(splits.test_targets)
     ranking = Floors.from_train(splits.train_sequences, dataset.n_items).most_popular(splits.test_histories)
     assert (ranking == ranking[0]).all()
 

@@ -64,6 +64,7 @@ def test_sasrec_beats_popularity_and_exports(tmp_path: Path, capsys: pytest.Capt
     assert np.isfinite(embeddings).all()
     assert meta["dataset"] == "synthetic" and meta["config"]["model"]["d_model"] == 32
     assert meta["test"] == summary["test"]
+    assert meta["test_by_popularity"]["all"]["recall@10"] == pytest.approx(summary["test"]["recall@10"])
 
 
 def test_recommend_topk_is_full_ranking() -> None:
