@@ -147,6 +147,8 @@ def test_own_codes_were_refreshed_and_t2k_learned(store_run: dict) -> None:
     assert [point["phase"] for point in curve] == ["store", "store-own-codes", "store-own-codes"]
     fidelity = store_run["store"]["t2k_known_items"]
     assert fidelity["level0_accuracy"] > 0.5  # 8 codes: chance is about 1/8
+    # constrained to the catalog's IDs, T2K finds an item's own ID at least as often within its beam
+    assert fidelity["constrained_id_in_beam10"] >= fidelity["constrained_exact_id_rate"] > 0
 
 
 def test_new_items_get_t2k_codes_and_the_service_gives_the_same_without_torch(store_run: dict) -> None:
@@ -253,3 +255,39 @@ def test_put_items_on_a_store_bundle_takes_t2k_codes(store_run: dict, tmp_path: 
                               json={"title": "new", "text": dataset.texts[item]})
         assert response.status_code == 201, response.text
         assert response.json()["codes"][:-1] == bundle.semantic_ids[item, :-1].tolist()
+
+
+def test_constrained_t2k_ranks_every_catalog_id_by_its_renormalized_score() -> None:
+    """T2K assigning known items: only the catalog's raw IDs come out, best first, each scored by its
+    code log-probabilities renormalized over the codes the catalog continues the prefix with."""
+    from training.store import constrained_text_to_codes
+
+    torch.manual_seed(1)
+    cfg = StoreConfig(codebook_sizes=[4, 3, 8], d_model=16, n_heads=2, d_ff=32, encoder_layers=1, decoder_layers=2,
+                      dropout=0.0, max_text_tokens=16, max_encoder_tokens=16)
+    model = StoreModel(cfg).eval()
+    texts = ItemTexts.from_texts(["red lipstick", "a microscope with two lenses", "pipette"], 16)
+    valid = np.array([[0, 1], [0, 2], [2, 0], [3, 2], [0, 1]])  # the raw codes of five items, two sharing an ID
+    ranked = constrained_text_to_codes(model, texts, np.arange(3), valid, beam=6)
+    assert ranked.shape == (3, 6, 2)
+    assert (ranked[:, 4:] == -1).all()  # four distinct IDs, so the last two slots stay empty
+    unique = np.unique(valid, axis=0)
+    for row in range(3):
+        assert {tuple(r) for r in ranked[row, :4]} == {tuple(r) for r in unique}
+        ids, mask = torch.as_tensor(texts.ids[row : row + 1]), torch.as_tensor(texts.mask[row : row + 1])
+        memory = model.encode_tokens(ids, mask)
+
+        @torch.no_grad()
+        def score(codes: np.ndarray) -> float:
+            hidden = model.run_decoder(model.code_decoder_inputs(torch.as_tensor(codes[None, :1]),
+                                                                 model.marker_embedding("t2k", 1)),
+                                       model.cross_keys_values(memory), model.memory_bias(mask))
+            total = 0.0
+            for level in range(2):
+                allowed = sorted({int(u[level]) for u in unique if (u[:level] == codes[:level]).all()})
+                log_probs = model.level_log_probs(hidden[0, level], level)[allowed].log_softmax(-1)
+                total += float(log_probs[allowed.index(int(codes[level]))])
+            return total
+
+        scores = [score(r) for r in ranked[row, :4]]
+        assert scores == sorted(scores, reverse=True)
