@@ -87,6 +87,19 @@ TABLES: list[tuple[str, str, str, str]] = [
      "STORE, TIGER (RQ-VAE 3 x 256 on the MiniLM text embeddings) and the plain recommender on STORE's own codes "
      "(RQ-KMeans 3 x 256 of the same embeddings), each with the same 18-minute training budget (early stop on "
      "validation), d 128, 4 + 4 layers, two runs side by side on the 2 cores, one thread each.", "rows"),
+    ("new_items_beauty", "New items and the long tail (Beauty, new-item split)",
+     "`genrec new-items` on Amazon 2014 Beauty, as the Scientific table above: 5% of the items held out (equally "
+     "from 20 popularity strata), placed by shared prefix the same way. STORE (all tasks), TIGER (RQ-VAE 3 x 256 on "
+     "the MiniLM text embeddings) and the plain recommender on STORE's codes (RQ-KMeans 3 x 256 of the same "
+     "embeddings), each with the same 15-minute training budget, d 128, 4 + 4 layers, validation on 2,000 users, "
+     "two runs side by side on the 2 cores, one thread each; three seeds, mean ± std. Test R@10 / N@10 by the test "
+     "target: held out, long tail (<= 5 training interactions), popular (> 20), all users.", "rows"),
+    ("long_tail", "The long tail on the warm split (Scientific)",
+     "Amazon 2018 Scientific, leave-one-out, the quality table's protocol; every generative row the same recommender "
+     "size (d 128, 4 + 4 layers) with the same 15-minute training budget (`train.max_train_seconds=900`, the "
+     "configuration's own epoch cap or early stop where it comes first), seed 0, two runs side by side on the 2 "
+     "cores, one thread each; test R@10 / N@10 by the target's training interactions (long tail <= 5, 6-20, > 20) "
+     "beside SASRec (its cached table, seed 0) and the floors on the same users.", "rows"),
     ("catalog", "Catalog updates: `make bench-catalog`",
      "A Scientific bundle trained on the new-item split (`genrec new-items`), served on loopback without its "
      "held-out items (service, Redis and the load generator on the same 2 cores); 100 of them added back through "

@@ -11,6 +11,8 @@ and `load_dataset("scientific")` adapt them into the same `Dataset`.
 """
 from __future__ import annotations
 
+import hashlib
+
 import gzip
 import json
 from collections.abc import Iterator
@@ -59,6 +61,15 @@ class Dataset:
     @property
     def n_interactions(self) -> int:
         return int(sum(len(s) for s in self.sequences))
+
+    def interactions_fingerprint(self) -> str:
+        """sha256 over the item ids and every user's sequence: what a model trained on the
+        interactions depends on (a cached table is reused only for the same fingerprint)."""
+        h = hashlib.sha256("\n".join(self.item_ids).encode())
+        for sequence in self.sequences:
+            h.update(len(sequence).to_bytes(8, "little"))
+            h.update(np.asarray(sequence, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,12 @@ def sasrec_configs(dataset: Dataset, seed: int, settings: dict[str, Any] | None 
     return model_cfg, train_cfg
 
 
+def artifact_matches(meta: dict, embeddings: np.ndarray, dataset: Dataset) -> bool:
+    """A cached SASRec table belongs to this dataset only if it was trained on the same interactions:
+    a folder of the same name with updated sequences (or another catalog) gets a new table."""
+    return embeddings.shape[0] == dataset.n_items and meta.get("interactions") == dataset.interactions_fingerprint()
+
+
 def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True,
                              settings: dict[str, Any] | None = None) -> np.ndarray:
     """SASRec's item embeddings for this dataset and seed: the cached artifact when it matches the
@@ -58,7 +64,7 @@ def collaborative_embeddings(dataset: Dataset, seed: int, progress: bool = True,
     path = sasrec_artifact_path(dataset, seed, settings)
     if path.is_file():
         embeddings, meta = load_item_embeddings(path)
-        if embeddings.shape[0] == dataset.n_items and meta.get("dataset", dataset.name) == dataset.name:
+        if artifact_matches(meta, embeddings, dataset):
             if progress:
                 print(f"[genrec] collaborative embeddings: {path}", flush=True)
             return embeddings
@@ -99,6 +105,6 @@ def sasrec_reference(dataset: Dataset, seed: int, settings: dict[str, Any] | Non
     if not path.is_file():
         return None
     embeddings, meta = load_item_embeddings(path)
-    if embeddings.shape[0] != dataset.n_items or "valid" not in meta or "test" not in meta:
+    if not artifact_matches(meta, embeddings, dataset) or "valid" not in meta or "test" not in meta:
         return None
     return {key: meta[key] for key in ("valid", "test", "test_by_popularity") if key in meta}

@@ -367,6 +367,7 @@ def run(
         meta = {k: summary[k] for k in ("dataset", "model", "seed", "valid", "test", "test_by_popularity", "best_epoch",
                                         "config")}
         meta["shape"] = [dataset.n_items, model_cfg.d_model]
+        meta["interactions"] = dataset.interactions_fingerprint()
         meta["item_order"] = "dataset item index (training.data.load_dataset); row i = item_ids[i]"
         save_item_embeddings(path, result.model.item_embeddings().detach().float().cpu().numpy(), meta)
         summary["artifact"] = str(path)

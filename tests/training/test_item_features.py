@@ -38,7 +38,8 @@ def test_concatenation_uses_the_cached_artifact_with_unit_halves(cache_dir: Path
     rng = np.random.default_rng(0)
     text = rng.normal(size=(20, 8)).astype(np.float32) * 3
     collaborative = rng.normal(size=(20, 4)).astype(np.float32)
-    save_item_embeddings(default_artifact_path(dataset.name, 0), collaborative, {"dataset": dataset.name})
+    save_item_embeddings(default_artifact_path(dataset.name, 0), collaborative,
+                         {"dataset": dataset.name, "interactions": dataset.interactions_fingerprint()})
 
     both = item_features("text+collaborative", lambda: text, dataset, seed=0, collaborative_weight=0.5)
     assert both.shape == (20, 12)
@@ -59,6 +60,28 @@ def test_a_mismatched_artifact_is_retrained_on_this_catalog(cache_dir: Path) -> 
     np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-5)
     retrained, meta = load_item_embeddings(path)
     assert retrained.shape[0] == 24 and meta["dataset"] == dataset.name
+
+
+def test_a_table_from_other_interactions_of_the_same_catalog_is_retrained(cache_dir: Path) -> None:
+    """Same folder name, same items, updated sequences: the cached table was trained on interactions
+    this dataset no longer has, so it is not reused (nor are its SASRec figures)."""
+    import dataclasses
+
+    from training.item_features import sasrec_reference
+
+    dataset = make_synthetic_dataset(n_users=120, n_items=24, seed=3)
+    item_features("collaborative", no_text, dataset, seed=0, progress=False)
+    path = default_artifact_path(dataset.name, 0)
+    first, meta = load_item_embeddings(path)
+    assert meta["interactions"] == dataset.interactions_fingerprint() and sasrec_reference(dataset, 0) is not None
+
+    updated = dataclasses.replace(dataset, sequences=[s[::-1].copy() for s in dataset.sequences])
+    assert updated.name == dataset.name and updated.interactions_fingerprint() != dataset.interactions_fingerprint()
+    assert sasrec_reference(updated, 0) is None  # the cached figures are another split's
+    item_features("collaborative", no_text, updated, seed=0, progress=False)
+    retrained, meta = load_item_embeddings(path)
+    assert meta["interactions"] == updated.interactions_fingerprint()
+    assert not np.array_equal(retrained, first)
 
 
 def test_unknown_kind_names_the_known_ones(cache_dir: Path) -> None:
