@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from service.fusion import OFFSETS_FILE, TransitionFusion, load_fusion
+
 # Bump when the bundle's layout or graph contract changes; the service reads this version only.
 SCHEMA_VERSION = 1
 # Files every bundle must list (and so checksum); the graphs are checked by the engine that uses them.
@@ -54,6 +56,9 @@ class Manifest:
     text_encoder: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # {"kind": "transitions", "weight": w}: the served ranking fuses the beam with the successor lists
+    # (service/fusion.py); empty: the beam alone.
+    fusion: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -103,6 +108,7 @@ class Bundle:
     # Per item {attribute name: values} from items.jsonl's optional "attributes" (empty dict: none);
     # what per-request filters match on (service/constraints.py). Bundles exported without them: all empty.
     attributes: list[dict[str, list[str]]] = field(default_factory=list, repr=False)
+    fusion: TransitionFusion | None = field(default=None, repr=False)  # manifest.fusion's table, if any
 
     @property
     def name(self) -> str:
@@ -201,7 +207,22 @@ def load_bundle(bundle_dir: Path | str, *, verify_checksums: bool = True) -> Bun
         popularity=popularity.astype(np.int64, copy=False),
         index_of=index_of,
         attributes=attributes,
+        fusion=_load_fusion(path, manifest.fusion, n_items),
     )
+
+
+def _load_fusion(path: Path, spec: dict[str, Any], n_items: int) -> TransitionFusion | None:
+    if not spec:
+        return None
+    if spec.get("kind") != "transitions":
+        raise BundleError(f"{path}/manifest.json: fusion kind {spec.get('kind')!r} is unknown (known: transitions)")
+    try:
+        fusion = load_fusion(path, spec.get("weight", 0.0))
+    except (OSError, ValueError) as error:
+        raise BundleError(f"{path}: the transition fusion's arrays cannot be used: {error}") from None
+    if len(fusion.offsets) != n_items + 1:
+        raise BundleError(f"{path}/{OFFSETS_FILE}: {len(fusion.offsets)} offsets for {n_items} items (expected N + 1)")
+    return fusion
 
 
 def _read_manifest(path: Path) -> Manifest:

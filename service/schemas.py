@@ -94,8 +94,9 @@ class RecommendedItem(BaseModel):
     title: str
     score: float | None = Field(
         description="Sum of the log-probabilities of the item's codes, each renormalized over the codes the catalog "
-        "allows after the ones before it (plus the item head's log-probability for models with one); null for items "
-        "filled from popularity."
+        "allows after the ones before it (plus the item head's log-probability for models with one); for a bundle "
+        "with transition fusion (manifest.fusion), the item's fused reciprocal-rank score; null for items filled "
+        "from popularity."
     )
 
 

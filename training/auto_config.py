@@ -81,7 +81,7 @@ def derived_config(dataset: str, shape: DataShape, max_train_seconds: float = 3 
     return PipelineConfig(
         name=f"derived-{Path(dataset).name}", dataset=dataset, tokenizer="rqkmeans", item_features="collaborative",
         tokenizer_params={"levels": 3, "codebook_size": codebook_size}, model=model, train=train, sasrec=sasrec,
-        choose_item_head_candidates=True)
+        choose_item_head_candidates=True, choose_transition_fusion=True)
 
 
 def tune_candidates(base: PipelineConfig) -> dict[str, PipelineConfig]:

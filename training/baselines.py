@@ -41,6 +41,15 @@ def transition_counts(train_sequences: list[np.ndarray], n_items: int) -> tuple[
     return row_start, successor, counts
 
 
+def successor_lists(train_sequences: list[np.ndarray], n_items: int, list_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's `list_size` most frequent successors (transition_counts' order) as CSR:
+    (offsets (N + 1,), successors) for the bundle's transition fusion (service/fusion.py)."""
+    row_start, successor, _ = transition_counts(train_sequences, n_items)
+    keep = np.arange(len(successor)) - np.repeat(row_start[:-1], np.diff(row_start)) < list_size
+    offsets = np.concatenate([[0], np.cumsum(np.minimum(np.diff(row_start), list_size))])
+    return offsets.astype(np.int64), successor[keep].astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Floors:
     """What both floors read from the training split, counted once and scored on any histories."""

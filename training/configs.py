@@ -46,6 +46,10 @@ class PipelineConfig:
     # With an item head: also try beam_size item-head candidates (model.item_head_candidates) on the
     # validation users after training, and keep them, in the figures and the bundle, only if NDCG@10 rises.
     choose_item_head_candidates: bool = False
+    # Fuse the served ranking with the last item's most frequent successors (service/fusion.py), the
+    # weight chosen on the validation users among TRANSITION_FUSION_WEIGHTS (none if no weight raises
+    # NDCG@10); the leave-one-out split only. The figures and the bundle are then the fused ranking's.
+    choose_transition_fusion: bool = False
     # "leave-one-out" (the protocol), or "new-items" (training/splits.py): new_item_fraction of the
     # items, stratified by popularity and chosen with new_item_seed (fixed across seeds, as the
     # split is), held out of training and tokenizer fitting; figures by target group.
@@ -123,12 +127,13 @@ CONFIGS: dict[str, PipelineConfig] = dict([
     # table they were fitted on (train.init_codes_from_features), an embedding per history item
     # started from what the codes leave unexplained, and the item head: the encoder's newest state
     # scores every item (SASRec's objective beside the code loss) and ranks the beam's items with
-    # the codes. Beauty: 64 sequences per step (more optimizer steps in a CPU budget), checkpoints
+    # the codes; the served ranking fused with the last item's successors where validation says so.
+    # Beauty: 64 sequences per step (more optimizer steps in a CPU budget), checkpoints
     # chosen on 4,000 validation users, 85 minutes of training (SASRec + training + evaluation
     # under 2 hours).
     _named("beauty-cf-item-head", "beauty", tokenizer="rqkmeans", item_features="collaborative", model=_ITEM_HEAD_MODEL,
            train=TrainConfig(max_train_seconds=5100, eval_users=4000, eval_every=2, init_codes_from_features=True,
-                             batch_size=64, lr=1e-3)),
+                             batch_size=64, lr=1e-3), choose_transition_fusion=True),
     # LETTER's codes with the Beauty default's recommender and schedule (item ids, item head, warm start, batch 64):
     # the comparison issue 26 asks for, at the default's epoch count.
     _named("beauty-letter-item-head", "beauty", tokenizer="letter", tokenizer_params=_LETTER_TOKENIZER,
@@ -137,7 +142,8 @@ CONFIGS: dict[str, PipelineConfig] = dict([
                              batch_size=64, lr=1e-3)),
     _named("scientific-cf-item-head", "scientific", tokenizer="rqkmeans", item_features="collaborative",
            model=_ITEM_HEAD_MODEL,
-           train=TrainConfig(max_train_seconds=1200, eval_users=2000, init_codes_from_features=True)),
+           train=TrainConfig(max_train_seconds=1200, eval_users=2000, init_codes_from_features=True),
+           choose_transition_fusion=True),
     # STORE (training/store.py): one model and vocabulary for K2K, T2K, K2T and H2K, on RQ-KMeans codes of
     # the MiniLM text embeddings (the scientific-rqkmeans-text row's codes, recommender size and budget).
     # Ablations: --set store.t2k_weight=0 (etc.) switches a task off; store.codes=own refreshes the codes

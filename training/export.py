@@ -22,6 +22,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from service.bundle import Manifest, file_digests, load_bundle
 from service.engine import OnnxBeamEngine
+from service.fusion import OFFSETS_FILE, SUCCESSORS_FILE, TransitionFusion
 from training.batching import history_tensors, pad_histories
 from training.beam import DecoderGraph
 from training.evaluation import recommend_topk
@@ -93,6 +94,7 @@ def write_bundle(
     training: dict[str, Any],
     extra_files: list[Path] = (),
     attributes: list[dict[str, list[str]]] | None = None,
+    fusion: TransitionFusion | None = None,
 ) -> Path:
     """Everything the service needs, and a manifest with the sha256 of every file. attributes: per item
     {name: [values]} (training/data.py), written into items.jsonl for the service's per-request filters."""
@@ -109,6 +111,9 @@ def write_bundle(
     # Ties broken by item index so the ranking is reproducible.
     order = np.lexsort((np.arange(len(popularity_counts)), -np.asarray(popularity_counts)))
     np.save(bundle_dir / "popularity.npy", order.astype(np.int32))
+    if fusion is not None:  # the successor lists the served ranking fuses with the beam (service/fusion.py)
+        np.save(bundle_dir / OFFSETS_FILE, fusion.offsets.astype(np.int64))
+        np.save(bundle_dir / SUCCESSORS_FILE, fusion.successors.astype(np.int32))
     save_file({k: np.ascontiguousarray(v) for k, v in tokenizer_state.items()}, str(bundle_dir / "tokenizer.safetensors"))
     (bundle_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for extra in extra_files:  # e.g. the training curve, next to the model it produced
@@ -133,6 +138,7 @@ def write_bundle(
         text_encoder=text_encoder,
         metrics=metrics,
         training=training,
+        fusion={"kind": "transitions", "weight": fusion.weight} if fusion is not None else {},
         files=file_digests(bundle_dir, files),
     ).write(bundle_dir)
     (bundle_dir / "manifest.json").chmod(0o644)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from service.fusion import TransitionFusion, fuse_rankings
+
 from training.cache import cache_path
 from training.configs import PipelineConfig, get_config
 from training.data import item_popularity, leave_one_out, load_dataset, make_synthetic_dataset, write_dataset
@@ -21,7 +23,7 @@ from training.embeddings import embed_items, get_text_encoder
 from training.evaluation import beam_ranker, evaluate, unconstrained_topk
 from training.export import check_bundle, write_bundle
 from training.text_encoder_export import add_text_path
-from training.baselines import evaluate_baselines
+from training.baselines import evaluate_baselines, successor_lists
 from training.item_features import item_views, sasrec_reference
 from training.joint import JointConfig, joint_losses, joint_phases, trainable_tokenizer
 from training.metrics import topk_metrics
@@ -91,6 +93,28 @@ def code_quality_figures(codes: CatalogCodes, views: ItemViews) -> dict[str, Any
         similarity = code_neighbour_similarity(codes.semantic_ids[:, :-1], views.collaborative)
         figures.update({k: round(v, 4) for k, v in similarity.items()})
     return figures
+
+
+TRANSITION_FUSION_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+TRANSITION_LIST_SIZE = 20  # successors kept per item in the bundle
+
+
+def choose_transition_fusion(train_sequences: list[np.ndarray], n_items: int, valid_ranked: np.ndarray,
+                             valid_histories: list[np.ndarray], valid_targets: np.ndarray,
+                             ) -> tuple[TransitionFusion | None, dict[str, Any]]:
+    """The fusion weight with the highest validation NDCG@10, or none (weight 0) if no weight beats
+    the beam alone. -> (fusion or None, {weight, valid_without, valid_with, valid_by_weight})."""
+    offsets, successors = successor_lists(train_sequences, n_items, TRANSITION_LIST_SIZE)
+    last = np.array([h[-1] for h in valid_histories])
+    without = topk_metrics(valid_ranked, valid_targets)
+    by_weight = {weight: topk_metrics(fuse_rankings(valid_ranked, last, TransitionFusion(offsets, successors, weight),
+                                                    valid_ranked.shape[1]), valid_targets)
+                 for weight in TRANSITION_FUSION_WEIGHTS}
+    best = max(by_weight, key=lambda weight: by_weight[weight]["ndcg@10"])
+    chosen = best if by_weight[best]["ndcg@10"] > without["ndcg@10"] else 0.0
+    choice = {"weight": chosen, "valid_without": without, "valid_with": by_weight[chosen] if chosen else without,
+              "valid_by_weight": {str(weight): metrics for weight, metrics in by_weight.items()}}
+    return (TransitionFusion(offsets, successors, chosen) if chosen else None), choice
 
 
 def reference_rows(cfg: PipelineConfig, dataset, splits) -> dict[str, dict[str, dict[str, float]]]:
@@ -215,21 +239,36 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
     users, valid_users = evaluated_rows(len(splits.test_targets)), evaluated_rows(len(splits.valid_targets))
     valid_histories = [splits.valid_histories[u] for u in valid_users]
     ranker = beam_ranker(result.model, semantic_ids, cfg.beam_size, device)
-    valid = evaluate(ranker, valid_histories, splits.valid_targets[valid_users])
+    valid_targets = splits.valid_targets[valid_users]
+    valid_ranked = ranker(valid_histories)
+    valid = topk_metrics(valid_ranked, valid_targets)
     candidates_choice = None
     if cfg.choose_item_head_candidates and getattr(model_cfg, "item_head", False) and not model_cfg.item_head_candidates:
         # An inference setting (training/beam.py): kept, and exported, only if validation NDCG@10 is higher.
         result.model.cfg.item_head_candidates = cfg.beam_size
-        with_candidates = evaluate(ranker, valid_histories, splits.valid_targets[valid_users])
+        ranked_with = ranker(valid_histories)
+        with_candidates = topk_metrics(ranked_with, valid_targets)
         chosen = cfg.beam_size if with_candidates["ndcg@10"] > valid["ndcg@10"] else 0
         candidates_choice = {"chosen": chosen, "valid_without": valid, "valid_with": with_candidates}
         result.model.cfg.item_head_candidates = chosen
-        valid = with_candidates if chosen else valid
+        valid, valid_ranked = (with_candidates, ranked_with) if chosen else (valid, valid_ranked)
         if progress:
             print(f"[genrec] item-head candidates: {chosen} (valid N@10 {valid['ndcg@10']:.4f} with them: "
                   f"{with_candidates['ndcg@10']:.4f}, without: {candidates_choice['valid_without']['ndcg@10']:.4f})", flush=True)
     test_histories = [splits.test_histories[u] for u in users]
     test_ranked = ranker(test_histories)
+    fusion, fusion_choice = None, None
+    if cfg.choose_transition_fusion and new_items is None:
+        fusion, fusion_choice = choose_transition_fusion(splits.train_sequences, dataset.n_items, valid_ranked,
+                                                         valid_histories, valid_targets)
+        if fusion is not None:  # from here on the figures are the served (fused) ranking's
+            valid = fusion_choice["valid_with"]
+            fusion_choice["test_without"] = topk_metrics(test_ranked, splits.test_targets[users])
+            test_ranked = fuse_rankings(test_ranked, np.array([h[-1] for h in test_histories]), fusion, test_ranked.shape[1])
+        if progress:
+            print(f"[genrec] transition fusion: weight {fusion_choice['weight']} (valid N@10 "
+                  f"{fusion_choice['valid_with']['ndcg@10']:.4f} with it, {fusion_choice['valid_without']['ndcg@10']:.4f} "
+                  f"without)", flush=True)
     test = topk_metrics(test_ranked, splits.test_targets[users])
     floors = reference_rows(cfg, dataset, splits)
     final_ranked = test_ranked  # the ranking the test figures are of
@@ -283,6 +322,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         "test": test,
         **({"test_codes_only": test_codes_only} if test_codes_only else {}),
         **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
+        **({"transition_fusion": fusion_choice} if fusion_choice else {}),
         **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
         **({"split": cfg.split, "new_items": new_item_figures} if new_item_figures else {}),
         **({"store": store_figures} if store_figures else {}),
@@ -321,6 +361,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
         beam_size=cfg.beam_size,
         metrics={"valid": valid, "test": test, **({"test_codes_only": test_codes_only} if test_codes_only else {}),
                  **({"item_head_candidates": candidates_choice} if candidates_choice else {}),
+                 **({"transition_fusion": fusion_choice} if fusion_choice else {}),
                  **({"test_unconstrained": test_unconstrained} if test_unconstrained else {}),
                  **({"new_items": new_item_figures} if new_item_figures else {}),
                  **({"store": store_figures} if store_figures else {}),
@@ -334,6 +375,7 @@ def run_pipeline(cfg: PipelineConfig, seed: int = 0, models_dir: Path = REPO_ROO
             "samples_per_second": round(result.samples_per_second, 1),
         },
         extra_files=[run_dir / "training_curve.jsonl", run_dir / "tokenizer_fit.json"],
+        fusion=fusion,
     )
     # What gives a new item codes from its text in the service (text encoder graph, tokenizer arrays).
     new_item_path = add_text_path(bundle_dir, tokenizer_kind=tokenizer.kind, tokenizer_state=tokenizer.state_dict(),

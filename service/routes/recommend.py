@@ -75,10 +75,13 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
         # The batch may have run on a newer catalog than the view read above: re-read it (it is at least
         # the batch's), and leave out items deleted since the batch's trie was built.
         catalog = serving.catalog.current
-        gone = {int(i) for i in result.item_indices if i >= 0 and not catalog.live[i]}
+        beam_items, beam_scores = result.item_indices, result.scores
+        if serving.bundle.fusion is not None:  # the beam fused with the newest item's successors (service/fusion.py)
+            beam_items, beam_scores = serving.bundle.fusion.fuse(
+                beam_items, model_history[-1], None if restriction is None else restriction.allowed)
+        gone = {int(i) for i in beam_items if i >= 0 and not catalog.live[i]}
         popularity = catalog.popularity if restriction is None else restriction.popular[catalog.live[restriction.popular]]
-        ranked, from_beam = merge_with_popularity(result.item_indices, result.scores, popularity, body.k,
-                                                  excluded | gone)
+        ranked, from_beam = merge_with_popularity(beam_items, beam_scores, popularity, body.k, excluded | gone)
         if from_beam < body.k and (restriction is None or len(ranked) > from_beam):  # constrained: only when the fill added some
             warnings.append(
                 f"beam search (width {serving.engine.beam_size}) gave {from_beam} item(s) after exclusions; "

@@ -156,3 +156,32 @@ def test_the_pipeline_keeps_item_head_candidates_only_when_validation_says_so(tm
     bundle = load_bundle(Path(summary["bundle"]))
     assert bundle.manifest.model["config"]["item_head_candidates"] == choice["chosen"]
     assert summary["export_check"]["served_top10_equal"] == summary["export_check"]["users_checked"] > 0
+
+
+def test_the_pipeline_fuses_transitions_only_when_validation_says_so(tmp_path: Path) -> None:
+    """choose_transition_fusion: each weight is scored on validation against the beam alone; the best
+    is kept (in the figures, the manifest and the bundle's successor lists) only if NDCG@10 rises."""
+    from training.baselines import successor_lists
+    from training.configs import apply_overrides, get_config
+    from training.data import leave_one_out, load_dataset, make_synthetic_dataset, write_dataset
+    from training.pipeline import TRANSITION_LIST_SIZE, run_pipeline
+
+    data_dir = write_dataset(make_synthetic_dataset(300, 60, seed=0), tmp_path / "data")
+    cfg = apply_overrides(get_config("tiny", str(data_dir)), ["choose_transition_fusion=true"])
+    summary = run_pipeline(cfg, seed=0, models_dir=tmp_path / "models", progress=False)
+    choice = summary["transition_fusion"]
+    best = max(choice["valid_by_weight"].values(), key=lambda metrics: metrics["ndcg@10"])
+    fused = best["ndcg@10"] > choice["valid_without"]["ndcg@10"]
+    assert (choice["weight"] > 0) == fused
+    assert summary["valid"] == (best if fused else choice["valid_without"])
+    bundle = load_bundle(Path(summary["bundle"]))
+    if not fused:
+        assert bundle.fusion is None and bundle.manifest.fusion == {}
+        return
+    assert bundle.manifest.fusion == {"kind": "transitions", "weight": choice["weight"]}
+    dataset = load_dataset(str(data_dir))
+    offsets, successors = successor_lists(leave_one_out(dataset, cfg.model.max_history).train_sequences,
+                                          dataset.n_items, TRANSITION_LIST_SIZE)
+    np.testing.assert_array_equal(bundle.fusion.offsets, offsets)
+    np.testing.assert_array_equal(bundle.fusion.successors, successors)
+    assert "test_without" in choice and summary["export_check"]["served_top10_equal"] > 0
