@@ -22,7 +22,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from service.bundle import Manifest, file_digests, load_bundle
 from service.engine import OnnxBeamEngine
-from service.fusion import OFFSETS_FILE, SUCCESSORS_FILE, TransitionFusion
+from service.fusion import OFFSETS_FILE, SUCCESSORS_FILE, TransitionFusion, fuse_rankings
 from training.batching import history_tensors, pad_histories
 from training.beam import DecoderGraph
 from training.evaluation import recommend_topk
@@ -174,3 +174,43 @@ def reexport_graphs(bundle_dir: Path, item_head_candidates: int | None = None) -
     model_kind(manifest.model["kind"]).export_graphs(model, bundle.semantic_ids.astype(np.int64),
                                                      bundle.beam_size, bundle_dir)
     replace(manifest, files=file_digests(bundle_dir, manifest.files)).write(bundle_dir)
+
+
+def add_transition_fusion(bundle_dir: Path, dataset_name: str | None = None, batch_size: int = 256) -> dict[str, Any]:
+    """Chooses transition fusion for an existing bundle, as the pipeline does (training/pipeline.py
+    choose_transition_fusion), on its served beam (onnxruntime) over the dataset's leave-one-out split;
+    writes the successor lists and manifest.fusion if a weight raises validation NDCG@10.
+    -> the choice, with the test figures with and without it."""
+    from training.data import leave_one_out, load_dataset
+    from training.metrics import topk_metrics
+    from training.pipeline import choose_transition_fusion
+
+    bundle_dir = Path(bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    dataset = load_dataset(dataset_name or bundle.dataset)
+    if list(bundle.item_ids) != list(dataset.item_ids):
+        raise ValueError(f"{bundle_dir} does not list {dataset.name}'s items in its order: the successor lists "
+                         "are built in the dataset's item order")
+    splits = leave_one_out(dataset, max_history=bundle.max_history)
+    engine = OnnxBeamEngine(bundle)
+
+    def served(histories: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate([engine.search(histories[s : s + batch_size])[0] for s in range(0, len(histories), batch_size)])
+
+    valid_ranked, test_ranked = served(splits.valid_histories), served(splits.test_histories)
+    fusion, choice = choose_transition_fusion(splits.train_sequences, dataset.n_items, valid_ranked,
+                                              splits.valid_histories, splits.valid_targets)
+    choice["test_without"] = topk_metrics(test_ranked, splits.test_targets)
+    if fusion is not None:
+        last = np.array([h[-1] for h in splits.test_histories])
+        choice["test_with"] = topk_metrics(fuse_rankings(test_ranked, last, fusion, test_ranked.shape[1]),
+                                           splits.test_targets)
+        np.save(bundle_dir / OFFSETS_FILE, fusion.offsets.astype(np.int64))
+        np.save(bundle_dir / SUCCESSORS_FILE, fusion.successors.astype(np.int32))
+        for name in (OFFSETS_FILE, SUCCESSORS_FILE):
+            (bundle_dir / name).chmod(0o644)
+        manifest = bundle.manifest
+        replace(manifest, fusion={"kind": "transitions", "weight": fusion.weight},
+                metrics={**manifest.metrics, "transition_fusion": choice},
+                files=file_digests(bundle_dir, sorted({*manifest.files, OFFSETS_FILE, SUCCESSORS_FILE}))).write(bundle_dir)
+    return choice

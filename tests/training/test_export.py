@@ -185,3 +185,22 @@ def test_the_pipeline_fuses_transitions_only_when_validation_says_so(tmp_path: P
     np.testing.assert_array_equal(bundle.fusion.offsets, offsets)
     np.testing.assert_array_equal(bundle.fusion.successors, successors)
     assert "test_without" in choice and summary["export_check"]["served_top10_equal"] > 0
+
+
+def test_fuse_adds_transition_fusion_to_a_bundle_and_eval_scores_what_is_served(tiny_bundle: Path, tmp_path: Path,
+                                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    data_dir = str(tiny_bundle.parents[2] / "data")
+    assert genrec(["fuse", "--bundle", str(copy), "--dataset", data_dir]) == 0
+    choice = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["transition_fusion"]
+    bundle = load_bundle(copy)  # the rewritten digests hold
+    if choice["weight"] == 0:
+        assert bundle.fusion is None and not (copy / "transition_offsets.npy").exists()
+        return
+    assert bundle.fusion is not None and bundle.fusion.weight == choice["weight"]
+    assert bundle.manifest.metrics["transition_fusion"]["test_with"] == choice["test_with"]
+    assert genrec(["eval", "--bundle", str(copy), "--dataset", data_dir]) == 0
+    served = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert served["test"] == pytest.approx(choice["test_with"])
+    assert served["valid"] == pytest.approx(choice["valid_with"])
