@@ -30,8 +30,8 @@ TABLES: list[tuple[str, str, str, str]] = [
     ("quality", "Quality on the test split",
      "Amazon Beauty 2014 5-core and Amazon 2018 Scientific, leave-one-out, full ranking over the whole catalog, "
      "history ≤ 20, constrained beam search with beam 20, Recall@K = HR@K, checkpoint chosen on validation NDCG@10; "
-     "where three seeds ran side by side the figures are mean ± std. Every row here predates renormalized decoding "
-     "(see below) and used raw code log-probabilities.", "rows"),
+     "where three seeds ran side by side the figures are mean ± std. Every row here but the last predates renormalized "
+     "decoding (see below) and used raw code log-probabilities.", "rows"),
     ("letter_ablation", "LETTER ablation on Scientific",
      "Amazon 2018 Scientific, the same split and protocol as above, every row the same recommender (d 128, 4 + 4 "
      "layers, ranked by the codes alone unless a row adds the item head) for the same 10 epochs (validation every 5 on "
