@@ -81,6 +81,17 @@ def fuse_rankings(beam_items: np.ndarray, last_items: np.ndarray, fusion: Transi
     return out
 
 
+def save_fusion(bundle_dir: Path | str, fusion: TransitionFusion) -> dict[str, object]:
+    """Writes the successor lists into a bundle (readable by a serving process of another uid);
+    -> the manifest's `fusion` entry that load_fusion reads back."""
+    path = Path(bundle_dir)
+    np.save(path / OFFSETS_FILE, fusion.offsets.astype(np.int64))
+    np.save(path / SUCCESSORS_FILE, fusion.successors.astype(np.int32))
+    for name in (OFFSETS_FILE, SUCCESSORS_FILE):
+        (path / name).chmod(0o644)
+    return {"kind": "transitions", "weight": fusion.weight}
+
+
 def load_fusion(bundle_dir: Path | str, weight: float) -> TransitionFusion:
     """The bundle's successor lists with the manifest's weight (arrays read without pickles)."""
     path = Path(bundle_dir)

@@ -100,6 +100,7 @@ def _eval(args: argparse.Namespace) -> int:
     from service.engine import OnnxBeamEngine
     from service.fusion import fuse_rankings
     from training.data import item_popularity, leave_one_out, load_dataset
+    from training.export import served_beams
     from training.metrics import topk_metrics
     from training.pipeline import format_table
     from training.splits import group_metrics, markdown_table, popularity_groups
@@ -112,8 +113,7 @@ def _eval(args: argparse.Namespace) -> int:
     rows = {}
 
     def served_ranker(histories: list[np.ndarray]) -> np.ndarray:
-        ranked = np.concatenate([engine.search(histories[s : s + args.batch_size])[0]
-                                 for s in range(0, len(histories), args.batch_size)])
+        ranked = served_beams(engine, histories, args.batch_size)
         if bundle.fusion is None:
             return ranked
         return fuse_rankings(ranked, np.array([h[-1] for h in histories]), bundle.fusion, ranked.shape[1])

@@ -11,9 +11,8 @@ and `load_dataset("scientific")` adapt them into the same `Dataset`.
 """
 from __future__ import annotations
 
-import hashlib
-
 import gzip
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass

@@ -22,7 +22,7 @@ from safetensors.torch import save_file as save_torch_file
 
 from service.bundle import Manifest, file_digests, load_bundle
 from service.engine import OnnxBeamEngine
-from service.fusion import OFFSETS_FILE, SUCCESSORS_FILE, TransitionFusion, fuse_rankings
+from service.fusion import OFFSETS_FILE, SUCCESSORS_FILE, TransitionFusion, fuse_rankings, save_fusion
 from training.batching import history_tensors, pad_histories
 from training.beam import DecoderGraph
 from training.evaluation import recommend_topk
@@ -111,9 +111,8 @@ def write_bundle(
     # Ties broken by item index so the ranking is reproducible.
     order = np.lexsort((np.arange(len(popularity_counts)), -np.asarray(popularity_counts)))
     np.save(bundle_dir / "popularity.npy", order.astype(np.int32))
-    if fusion is not None:  # the successor lists the served ranking fuses with the beam (service/fusion.py)
-        np.save(bundle_dir / OFFSETS_FILE, fusion.offsets.astype(np.int64))
-        np.save(bundle_dir / SUCCESSORS_FILE, fusion.successors.astype(np.int32))
+    # The successor lists the served ranking fuses with the beam (service/fusion.py), if any.
+    fusion_spec = save_fusion(bundle_dir, fusion) if fusion is not None else {}
     save_file({k: np.ascontiguousarray(v) for k, v in tokenizer_state.items()}, str(bundle_dir / "tokenizer.safetensors"))
     (bundle_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     for extra in extra_files:  # e.g. the training curve, next to the model it produced
@@ -138,7 +137,7 @@ def write_bundle(
         text_encoder=text_encoder,
         metrics=metrics,
         training=training,
-        fusion={"kind": "transitions", "weight": fusion.weight} if fusion is not None else {},
+        fusion=fusion_spec,
         files=file_digests(bundle_dir, files),
     ).write(bundle_dir)
     (bundle_dir / "manifest.json").chmod(0o644)
@@ -176,6 +175,11 @@ def reexport_graphs(bundle_dir: Path, item_head_candidates: int | None = None) -
     replace(manifest, files=file_digests(bundle_dir, manifest.files)).write(bundle_dir)
 
 
+def served_beams(engine: OnnxBeamEngine, histories: list[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """The engine's beam (item indices, -1 for none) for every history, batch_size at a time. -> (U, beam)"""
+    return np.concatenate([engine.search(histories[s : s + batch_size])[0] for s in range(0, len(histories), batch_size)])
+
+
 def add_transition_fusion(bundle_dir: Path, dataset_name: str | None = None, batch_size: int = 256) -> dict[str, Any]:
     """Chooses transition fusion for an existing bundle, as the pipeline does (training/pipeline.py
     choose_transition_fusion), on its served beam (onnxruntime) over the dataset's leave-one-out split;
@@ -193,11 +197,8 @@ def add_transition_fusion(bundle_dir: Path, dataset_name: str | None = None, bat
                          "are built in the dataset's item order")
     splits = leave_one_out(dataset, max_history=bundle.max_history)
     engine = OnnxBeamEngine(bundle)
-
-    def served(histories: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate([engine.search(histories[s : s + batch_size])[0] for s in range(0, len(histories), batch_size)])
-
-    valid_ranked, test_ranked = served(splits.valid_histories), served(splits.test_histories)
+    valid_ranked = served_beams(engine, splits.valid_histories, batch_size)
+    test_ranked = served_beams(engine, splits.test_histories, batch_size)
     fusion, choice = choose_transition_fusion(splits.train_sequences, dataset.n_items, valid_ranked,
                                               splits.valid_histories, splits.valid_targets)
     choice["test_without"] = topk_metrics(test_ranked, splits.test_targets)
@@ -205,12 +206,8 @@ def add_transition_fusion(bundle_dir: Path, dataset_name: str | None = None, bat
         last = np.array([h[-1] for h in splits.test_histories])
         choice["test_with"] = topk_metrics(fuse_rankings(test_ranked, last, fusion, test_ranked.shape[1]),
                                            splits.test_targets)
-        np.save(bundle_dir / OFFSETS_FILE, fusion.offsets.astype(np.int64))
-        np.save(bundle_dir / SUCCESSORS_FILE, fusion.successors.astype(np.int32))
-        for name in (OFFSETS_FILE, SUCCESSORS_FILE):
-            (bundle_dir / name).chmod(0o644)
         manifest = bundle.manifest
-        replace(manifest, fusion={"kind": "transitions", "weight": fusion.weight},
+        replace(manifest, fusion=save_fusion(bundle_dir, fusion),
                 metrics={**manifest.metrics, "transition_fusion": choice},
                 files=file_digests(bundle_dir, sorted({*manifest.files, OFFSETS_FILE, SUCCESSORS_FILE}))).write(bundle_dir)
     return choice

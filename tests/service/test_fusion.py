@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.bundle import BundleError, Manifest, file_digests, load_bundle
 from service.engine import OnnxBeamEngine
-from service.fusion import OFFSETS_FILE, RANK_OFFSET, SUCCESSORS_FILE, TransitionFusion, fuse_ranked, fuse_rankings
+from service.fusion import (OFFSETS_FILE, RANK_OFFSET, SUCCESSORS_FILE, TransitionFusion, fuse_ranked, fuse_rankings,
+                            save_fusion)
 from tests.service.test_api import make_settings
 
 
@@ -51,12 +52,10 @@ def test_an_inconsistent_table_is_refused(offsets, successors, weight, message) 
 
 def with_fusion(bundle_dir: Path, offsets: np.ndarray, successors: np.ndarray, weight: float) -> Path:
     """The bundle with successor lists and manifest.fusion added, digests rewritten."""
-    np.save(bundle_dir / OFFSETS_FILE, offsets.astype(np.int64))
-    np.save(bundle_dir / SUCCESSORS_FILE, successors.astype(np.int32))
+    spec = save_fusion(bundle_dir, TransitionFusion(offsets, successors, weight))
     manifest = load_bundle(bundle_dir, verify_checksums=False).manifest
     files = [*manifest.files, OFFSETS_FILE, SUCCESSORS_FILE]
-    replace(manifest, fusion={"kind": "transitions", "weight": weight},
-            files=file_digests(bundle_dir, sorted(set(files)))).write(bundle_dir)
+    replace(manifest, fusion=spec, files=file_digests(bundle_dir, sorted(set(files)))).write(bundle_dir)
     return bundle_dir
 
 
