@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import sys
@@ -39,6 +40,7 @@ from service.reload import OpenedBundle, Reloader
 from service.spool import DurableEventWriter
 
 log = logging.getLogger("service")
+ENDPOINT_SCOPE_KEY = "genrec.endpoint"  # set by a middleware that answers before routing
 CLOSE_TIMEOUT_S = 5.0  # per client closed at shutdown, after the drain
 
 
@@ -94,7 +96,8 @@ def create_app(settings: Settings | None = None, *, history_store: HistoryStore 
     _add_error_handlers(app)
     app.openapi = lambda: _openapi(app, state)  # type: ignore[method-assign]
     # Added innermost first: metrics see every answer, CORS answers preflights before the key check,
-    # the gate refuses before a body is read.
+    # the client gate refuses before a body is read, admission before the app parses and validates it.
+    app.add_middleware(AdmissionGateMiddleware, state=state)
     app.add_middleware(RequestBodyMiddleware, max_body_bytes=settings.max_body_bytes,
                        read_timeout_s=settings.request_read_timeout_s, metrics=metrics)
     app.add_middleware(ClientGateMiddleware, api_keys=api_keys,
@@ -258,7 +261,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OverCapacity)
     async def on_over_capacity(request: Request, exc: OverCapacity) -> JSONResponse:
-        return JSONResponse(error_body(str(exc)), status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+        return _over_capacity_response(exc)
 
     @app.exception_handler(DeadlineExceeded)
     async def on_deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
@@ -313,6 +316,58 @@ def _openapi(app: FastAPI, state: AppState) -> dict[str, Any]:
 
 # --- middleware ---------------------------------------------------------------------------------
 
+class AdmissionGateMiddleware:
+    """Refuses a /recommend headed for the engine (a history or a user id) with 429 when admission
+    says it would miss the latency budget, before FastAPI routes, parses and validates it: under
+    overload most requests are refused, and through the app each refusal cost ~20x the CPU of this
+    check, time taken from the engine and from the requests it admitted. Runs inside
+    RequestBodyMiddleware, so the body is in memory; a body that is not a JSON object goes on to the
+    app's own 400/422."""
+
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        serving = self.state.serving
+        if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/recommend"
+                or serving is None):
+            await self.app(scope, receive, send)
+            return
+        message = await receive()  # the whole body: RequestBodyMiddleware read it
+        if _headed_for_engine(message.get("body", b"")):
+            try:
+                serving.batcher.check_admission()
+            except OverCapacity as refusal:
+                scope[ENDPOINT_SCOPE_KEY] = "/recommend"  # no route matched yet: name it for the request metrics
+                await _over_capacity_response(refusal)(scope, receive, send)
+                return
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def _headed_for_engine(body: bytes) -> bool:
+    """Whether a /recommend body asks for a search (a non-empty history or a user id); a body the app
+    will refuse counts as not, so it gets the app's 400/422."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(request, dict) and (bool(request.get("history")) or request.get("user_id") is not None)
+
+
+def _over_capacity_response(refusal: OverCapacity) -> JSONResponse:
+    return JSONResponse(error_body(str(refusal)), status_code=429, headers={"Retry-After": str(refusal.retry_after_s)})
+
+
 class RequestMetricsMiddleware:
     """Request count by endpoint (route template, never the raw path) and status, duration, in-flight."""
 
@@ -338,7 +393,6 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_with_status)
         finally:
             self.metrics.in_flight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
+            endpoint = scope.get(ENDPOINT_SCOPE_KEY) or getattr(scope.get("route"), "path", None) or "unmatched"
             self.metrics.observe_request(endpoint, status, time.perf_counter() - started)
 

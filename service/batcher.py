@@ -278,8 +278,9 @@ class MicroBatcher:
     def check_admission(self) -> bool:
         """Raise OverBudget if a request joining the queue now would miss the latency budget; else
         whether it was admitted by the threshold (False: a free worker takes it at once, or no
-        admission). The route asks once before it reads the history (a refusal then costs no Redis
-        round trip) and submit asks again, as the queue may have grown meanwhile."""
+        admission). The app's admission gate asks once before the request is parsed and validated
+        (service/app.py AdmissionGateMiddleware: a refusal then costs little CPU and no Redis round
+        trip) and submit asks again, as the queue may have grown meanwhile."""
         if self.admission is None or not self.admission.enabled:
             return False
         now = asyncio.get_running_loop().time()

@@ -50,8 +50,6 @@ async def recommend(body: RecommendRequest, serving: ServingDep) -> Response:
         warnings.append(f"no item matches the constraints ({constraint.describe()}): nothing to recommend")
         return _respond(serving, catalog, [], "popular", False, warnings, loop, loop.time())
 
-    if body.history or body.user_id is not None:  # headed for the engine: refuse before a Redis round trip
-        serving.batcher.check_admission()
     with serving.batcher.coming():
         raw_history, degraded = await _resolve_history(body, serving, warnings)
     history_done = loop.time()

@@ -149,6 +149,9 @@ def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             response = client.post("/recommend", json={"history": history, "k": 3})
+            # Not headed for the engine, or not a JSON object: the gate lets them through to the app.
+            popular = client.post("/recommend", json={"k": 3})
+            malformed = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
         finally:
             release.set()
             for holder in holders:
@@ -156,6 +159,10 @@ def test_the_route_answers_429_with_retry_after_when_over_budget(demo_bundle_dir
         # the rest of the computing round (up to 2 s) and its own batch (2 s)
         assert response.status_code == 429 and int(response.headers["retry-after"]) >= 3
         assert "latency budget of 50 ms" in response.json()["detail"]
+        assert popular.status_code == 200 and popular.json()["strategy"] == "popular"
+        assert malformed.status_code == 400
+        registry = client.app.state.genrec.metrics.registry  # type: ignore[attr-defined]
+        assert registry.get_sample_value("genrec_requests_total", {"endpoint": "/recommend", "status": "429"}) == 1
 
 
 def test_full_batches_slower_than_the_target_lower_the_batch_cap_and_fast_ones_raise_it() -> None:
