@@ -95,7 +95,7 @@ def code_quality_figures(codes: CatalogCodes, views: ItemViews) -> dict[str, Any
     return figures
 
 
-TRANSITION_FUSION_WEIGHTS = (0.25, 0.5, 1.0, 2.0)
+TRANSITION_FUSION_WEIGHTS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 TRANSITION_LIST_SIZE = 20  # successors kept per item in the bundle
 
 
