@@ -28,7 +28,7 @@ from service.bundle import Bundle, load_bundle
 from service.catalog import Catalog, build_catalog_store
 from service.admin import AdminToken
 from service.clients import (API_KEY_HEADER, ApiKeys, ClientGateMiddleware, RequestBodyMiddleware, TokenBuckets,
-                             error_body, is_guarded_path)
+                             error_body, is_guarded_path, replaying)
 from service.config import Settings, engine_threads
 from service.deps import ApiError, AppState, Serving
 from service.engine import BeamEngine, OnnxBeamEngine
@@ -322,7 +322,7 @@ class AdmissionGateMiddleware:
     overload most requests are refused, and through the app each refusal cost ~20x the CPU of this
     check, time taken from the engine and from the requests it admitted. Runs inside
     RequestBodyMiddleware, so the body is in memory; a body that is not a JSON object goes on to the
-    app's own 400/422."""
+    app's own 400/422. Without a latency budget it passes every request untouched."""
 
     def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
@@ -331,27 +331,18 @@ class AdmissionGateMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         serving = self.state.serving
         if (scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/recommend"
-                or serving is None):
+                or serving is None or not serving.batcher.admission_enabled):
             await self.app(scope, receive, send)
             return
-        message = await receive()  # the whole body: RequestBodyMiddleware read it
-        if _headed_for_engine(message.get("body", b"")):
+        body = await receive()  # the whole body: RequestBodyMiddleware read it
+        if _headed_for_engine(body.get("body", b"")):
             try:
                 serving.batcher.check_admission()
             except OverCapacity as refusal:
                 scope[ENDPOINT_SCOPE_KEY] = "/recommend"  # no route matched yet: name it for the request metrics
                 await _over_capacity_response(refusal)(scope, receive, send)
                 return
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return message
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 def _headed_for_engine(body: bytes) -> bool:

@@ -226,9 +226,14 @@ class MicroBatcher:
             self._coming -= 1
 
     @property
+    def admission_enabled(self) -> bool:
+        """Whether requests are admitted against a latency budget (else only the queue bound)."""
+        return self.admission is not None and self.admission.enabled
+
+    @property
     def batch_cap(self) -> int:
         """Where a batch closes now: the admission's cap, which fits batches to the latency budget."""
-        if self.admission is not None and self.admission.enabled:
+        if self.admission_enabled:
             return min(self.admission.batch_cap, self.max_batch_size)
         return self.max_batch_size
 
@@ -281,7 +286,7 @@ class MicroBatcher:
         admission). The app's admission gate asks once before the request is parsed and validated
         (service/app.py AdmissionGateMiddleware: a refusal then costs little CPU and no Redis round
         trip) and submit asks again, as the queue may have grown meanwhile."""
-        if self.admission is None or not self.admission.enabled:
+        if not self.admission_enabled:
             return False
         now = asyncio.get_running_loop().time()
         decision = self.admission.decide(self._queue.qsize(), [now - started for started in self._started_at.values()])

@@ -206,17 +206,8 @@ class RequestBodyMiddleware:
                       f"(GENREC_REQUEST_READ_TIMEOUT_S; {size} bytes came); send it whole and promptly")
             await JSONResponse(error_body(detail), status_code=408, headers={"Connection": "close"})(scope, receive, send)
             return
-        body = b"".join(chunks)
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: disconnect notices
-
-        await self.app(scope, replay, send)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
         self.metrics.rejections.labels(reason="body_too_large").inc()
@@ -224,6 +215,20 @@ class RequestBodyMiddleware:
         detail = (f"request body is {got}; the limit is {self.max_body_bytes} bytes (GENREC_MAX_BODY_BYTES). "
                   "Send fewer history items.")
         await JSONResponse(error_body(detail), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
+def replaying(body: Message, receive: Receive) -> Receive:
+    """A receive that gives the body message already read, then what `receive` gives (disconnect notices)."""
+    delivered = False
+
+    async def replay() -> Message:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return body
+        return await receive()
+
+    return replay
 
 
 def _content_length(scope: Scope) -> int | None:
