@@ -100,13 +100,12 @@ TABLES: list[tuple[str, str, str, str]] = [
      "configuration's own epoch cap or early stop where it comes first), seed 0, two runs side by side on the 2 "
      "cores, one thread each; test R@10 / N@10 by the target's training interactions (long tail <= 5, 6-20, > 20) "
      "beside SASRec (its cached table, seed 0) and the floors on the same users.", "rows"),
-    ("fusion", "Transition fusion (Scientific)",
-     "`genrec fuse --bundle B` on the seed-0 bundles of the long-tail table above (same split, 15-minute budget each): "
-     "the served beam fused with the newest history item's 20 most frequent training successors by reciprocal rank "
-     "(service/fusion.py), the weight chosen on all validation users among .25, .5, 1 and 2 (none if no weight raises "
-     "NDCG@10); test R@10 / N@10 through onnxruntime, beam alone and fused, beside the floors and SASRec on the same "
-     "split. The pipeline makes the same choice itself with `choose_transition_fusion` (on in the best and derived "
-     "configurations).", "rows"),
+    ("fusion", "Transition fusion",
+     "The served beam fused with the newest history item's 20 most frequent training successors by reciprocal rank "
+     "(service/fusion.py), the weight chosen on all validation users (none if no weight raises NDCG@10): by "
+     "`genrec fuse --bundle B` on the seed-0 bundles of the long-tail table above (weights .25 to 2), or by the "
+     "pipeline itself (`choose_transition_fusion`, on in the best and derived configurations; weights .25 to 8). "
+     "Test R@10 / N@10, beam alone and fused, beside the floors and SASRec on the same split.", "rows"),
     ("catalog", "Catalog updates: `make bench-catalog`",
      "A Scientific bundle trained on the new-item split (`genrec new-items`), served on loopback without its "
      "held-out items (service, Redis and the load generator on the same 2 cores); 100 of them added back through "
