@@ -81,7 +81,9 @@ def pipeline_views(cfg: PipelineConfig, dataset, progress: bool = True) -> ItemV
 def prepare_shared_inputs(cfg: PipelineConfig, progress: bool = True) -> None:
     """Computes and caches what every seed of `cfg` reads (text embeddings, collaborative
     embeddings), so seeds started side by side neither repeat that work nor race on its files."""
-    pipeline_views(cfg, load_dataset(cfg.dataset), progress)
+    dataset = load_dataset(cfg.dataset)
+    if pipeline_views(cfg, dataset, progress).text is None:  # the export's new-item path embeds the texts
+        embed_items(dataset.texts, get_text_encoder(cfg.text_encoder))
 
 
 def code_quality_figures(codes: CatalogCodes, views: ItemViews) -> dict[str, Any]:

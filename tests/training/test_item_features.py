@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from training.data import make_synthetic_dataset
+from training.embeddings import embeddings_cache_path, get_text_encoder
 from training.item_features import item_views
 from training.sasrec import default_artifact_path, load_item_embeddings, save_item_embeddings
 from training.tokenizers import VIEWS
@@ -110,4 +111,7 @@ def test_shared_inputs_are_prepared_once_for_side_by_side_seeds(cache_dir: Path,
     prepare_shared_inputs(cfg, progress=False)
     embeddings, meta = load_item_embeddings(default_artifact_path(load_dataset(str(folder)).name, 3))
     assert embeddings.shape[0] == 24 and meta["seed"] == 3
-    assert not (cache_dir / "embeddings").exists()  # collaborative codes need no text embeddings
+    # Collaborative codes need no text embeddings, but the export's new-item path does: each seed
+    # would otherwise embed the catalog's texts itself.
+    texts = load_dataset(str(folder)).texts
+    assert embeddings_cache_path(texts, get_text_encoder(cfg.text_encoder)).is_file()
