@@ -334,15 +334,15 @@ class AdmissionGateMiddleware:
                 or serving is None or not serving.batcher.admission_enabled):
             await self.app(scope, receive, send)
             return
-        body = await receive()  # the whole body: RequestBodyMiddleware read it
-        if _headed_for_engine(body.get("body", b"")):
+        message = await receive()  # the whole body: RequestBodyMiddleware read it
+        if _headed_for_engine(message.get("body", b"")):
             try:
                 serving.batcher.check_admission()
             except OverCapacity as refusal:
                 scope[ENDPOINT_SCOPE_KEY] = "/recommend"  # no route matched yet: name it for the request metrics
                 await _over_capacity_response(refusal)(scope, receive, send)
                 return
-        await self.app(scope, replaying(body, receive), send)
+        await self.app(scope, replaying(message, receive), send)
 
 
 def _headed_for_engine(body: bytes) -> bool:

@@ -206,8 +206,8 @@ class RequestBodyMiddleware:
                       f"(GENREC_REQUEST_READ_TIMEOUT_S; {size} bytes came); send it whole and promptly")
             await JSONResponse(error_body(detail), status_code=408, headers={"Connection": "close"})(scope, receive, send)
             return
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, replaying(body, receive), send)
+        message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, replaying(message, receive), send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, size: int | None) -> None:
         self.metrics.rejections.labels(reason="body_too_large").inc()
@@ -217,7 +217,7 @@ class RequestBodyMiddleware:
         await JSONResponse(error_body(detail), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-def replaying(body: Message, receive: Receive) -> Receive:
+def replaying(message: Message, receive: Receive) -> Receive:
     """A receive that gives the body message already read, then what `receive` gives (disconnect notices)."""
     delivered = False
 
@@ -225,7 +225,7 @@ def replaying(body: Message, receive: Receive) -> Receive:
         nonlocal delivered
         if not delivered:
             delivered = True
-            return body
+            return message
         return await receive()
 
     return replay
